@@ -1,0 +1,221 @@
+"""Make MLX fast on the machine it runs on, before `mlx.core` is imported.
+
+MLX's Linux CPU wheel links a reference BLAS (~5 GFLOP/s fp32). Its `cblas_sgemm` calls resolve
+through the global symbol scope, so loading MKL (from PyPI) with RTLD_GLOBAL *before* libmlx is
+loaded makes every matmul 50-100x faster. That only works before the first `import mlx.core`,
+which is why `nanogpt_mlx/__init__.py` calls `prepare_runtime()` as the very first thing.
+
+Three more process-level settings pay on CPU (measured, see ../shared/README.md):
+- flush-to-zero / denormals-are-zero: masked attention scores produce denormals, which are
+  ~100x slower to compute with; threads created later (MLX's, MKL's) inherit the setting;
+- glibc malloc without mmap for large blocks: MLX allocates every intermediate fresh, and
+  mmap/munmap + page faults of >32 MB buffers cost more than the ops themselves;
+- `-march=native` for the kernels `mx.compile` builds with g++ (2-3x on fused elementwise code).
+
+Nothing here needs an environment variable from the user. `NANOGPT_MLX_NO_BLAS=1` exists only
+so a benchmark can measure the stock path side by side.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import glob
+import mmap
+import os
+import platform
+import shutil
+import stat
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RuntimeReport:
+    """What `prepare_runtime` did, for `nanogpt-mlx info` and the tests."""
+
+    blas_path: str | None = None
+    blas_name: str = "reference (MLX wheel)"
+    ftz_daz: bool = False
+    malloc_tuned: bool = False
+    jit_march_native: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+REPORT = RuntimeReport()
+_BLAS_HANDLE: ctypes.CDLL | None = None
+_PREPARED = False
+
+
+def _blas_candidates() -> list[tuple[str, str]]:
+    """Optimized BLAS libraries to try, best first: (name, path)."""
+    found: list[tuple[str, str]] = []
+    prefixes = dict.fromkeys([sys.prefix, sys.base_prefix, sys.exec_prefix])
+    for prefix in prefixes:
+        for path in sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*")), reverse=True):
+            found.append(("mkl", path))
+    # Debian's OpenBLAS is good for large shapes but slower than MKL on batch-1 decode shapes.
+    for path in ("/usr/lib/x86_64-linux-gnu/libopenblas.so.0", "/usr/lib/aarch64-linux-gnu/libopenblas.so.0"):
+        if os.path.exists(path):
+            found.append(("openblas", path))
+    return found
+
+
+def _load_blas() -> None:
+    global _BLAS_HANDLE
+    if os.environ.get("NANOGPT_MLX_NO_BLAS") == "1":
+        REPORT.notes.append("optimized BLAS disabled by NANOGPT_MLX_NO_BLAS=1")
+        return
+    for name, path in _blas_candidates():
+        try:
+            _BLAS_HANDLE = ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
+        except OSError as exc:
+            REPORT.notes.append(f"could not load {path}: {exc}")
+            continue
+        REPORT.blas_path, REPORT.blas_name = path, name
+        return
+    warnings.warn(
+        "nanogpt-mlx: no optimized BLAS found (pip install mkl); MLX CPU matmuls will use the "
+        "reference BLAS and run 50-100x slower.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _set_ftz_daz() -> bool:
+    """Set FTZ|DAZ in this thread's MXCSR (x86-64 only) with a 4-instruction leaf function.
+
+    Python has no API for MXCSR; a few bytes of machine code in an executable page do it
+    without a compiler: stmxcsr [rsp-4]; or dword [rsp-4], 0x8040; ldmxcsr [rsp-4]; ret.
+    """
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    code = bytes.fromhex("0fae5c24fc" "814c24fc40800000" "0fae5424fc" "c3")
+    try:
+        buf = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    except (OSError, ValueError):
+        return False
+    buf.write(code)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    ctypes.CFUNCTYPE(None)(address)()
+    _KEEP_ALIVE.append(buf)
+    return True
+
+
+_KEEP_ALIVE: list[object] = []
+
+
+def _tune_malloc() -> bool:
+    """Keep large freed blocks in the heap instead of returning them to the OS on every op."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return False
+    libc = ctypes.CDLL(libc_name)
+    m_trim_threshold, m_mmap_max = -1, -4
+    ok = libc.mallopt(m_mmap_max, 0) == 1
+    ok &= libc.mallopt(m_trim_threshold, 1 << 30) == 1
+    return bool(ok)
+
+
+def _jit_compiler_wrapper() -> bool:
+    """Put a `g++` first on PATH that adds -march=native to the flags `mx.compile` uses on CPU."""
+    if not sys.platform.startswith("linux"):
+        return False
+    real = shutil.which("g++")
+    if real is None:
+        return False
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanogpt-mlx", "jit-bin")
+    if os.path.realpath(os.path.dirname(real)) == os.path.realpath(cache):
+        return True  # already first on PATH (a parent process set it up)
+    try:
+        os.makedirs(cache, exist_ok=True)
+        wrapper = os.path.join(cache, "g++")
+        script = f'#!/bin/sh\nexec "{real}" -march=native "$@"\n'
+        current = open(wrapper).read() if os.path.exists(wrapper) else None
+        if current != script:
+            fd, tmp = tempfile.mkstemp(dir=cache)
+            with os.fdopen(fd, "w") as f:
+                f.write(script)
+            os.chmod(tmp, stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+            os.replace(tmp, wrapper)
+    except OSError as exc:
+        REPORT.notes.append(f"no -march=native JIT wrapper: {exc}")
+        return False
+    os.environ["PATH"] = cache + os.pathsep + os.environ.get("PATH", "")
+    return True
+
+
+def prepare_runtime() -> RuntimeReport:
+    """Idempotent process setup; must run before the first `import mlx.core` to take effect."""
+    global _PREPARED
+    if _PREPARED:
+        return REPORT
+    _PREPARED = True
+    if "mlx.core" in sys.modules:
+        REPORT.notes.append("mlx.core was imported before nanogpt_mlx: the optimized BLAS could not be installed")
+        warnings.warn(
+            "nanogpt-mlx: import nanogpt_mlx before mlx.core, or CPU matmuls stay on the slow reference BLAS.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return REPORT
+    if sys.platform.startswith("linux"):
+        _load_blas()
+        REPORT.ftz_daz = _set_ftz_daz()
+        REPORT.malloc_tuned = _tune_malloc()
+        REPORT.jit_march_native = _jit_compiler_wrapper()
+    return REPORT
+
+
+def blas_threads() -> int | None:
+    """Threads the optimized BLAS will use (MKL only knows how to tell)."""
+    if _BLAS_HANDLE is None or REPORT.blas_name != "mkl":
+        return None
+    try:
+        return int(_BLAS_HANDLE.MKL_Get_Max_Threads())
+    except AttributeError:
+        return None
+
+
+def loaded_blas_libraries() -> list[str]:
+    """Shared objects mapped into this process whose name says BLAS, read from /proc/self/maps."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if len(line.split()) >= 6}
+    except OSError:
+        return []
+    return sorted(p for p in paths if any(k in os.path.basename(p) for k in ("mkl", "blas")))
+
+
+def select_device(name: str = "auto") -> str:
+    """Use the GPU (Metal or CUDA) when asked for and present; 'auto' prefers it. Returns 'gpu' or 'cpu'."""
+    import mlx.core as mx
+
+    if name not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"unknown device {name!r}: use auto, cpu or gpu")
+    has_gpu = mx.is_available(mx.gpu) if hasattr(mx, "is_available") else mx.metal.is_available()
+    if name == "gpu" and not has_gpu:
+        raise RuntimeError("--device gpu: no Metal or CUDA device is available to MLX on this machine")
+    use_gpu = has_gpu and name != "cpu"
+    mx.set_default_device(mx.gpu if use_gpu else mx.cpu)
+    return "gpu" if use_gpu else "cpu"
+
+
+def measure_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """fp32 matmul GFLOP/s on the default device: best of a few n x n x n products."""
+    import mlx.core as mx
+
+    a = mx.random.normal((n, n))
+    b = mx.random.normal((n, n))
+    mx.eval(a @ b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(a @ b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9

@@ -1,0 +1,5 @@
+import sys
+
+from nanogpt_mlx.cli import main
+
+sys.exit(main())

@@ -1,0 +1,74 @@
+"""`nanogpt-mlx` — one command line for the whole project.
+
+Each subcommand lives beside the code it drives: a module exposes `register_cli(subparsers)`,
+which adds its parser and sets `func` to a handler returning an exit code. Handlers import
+their heavy dependencies lazily so `--help` stays fast.
+
+Exit codes: 0 success, 1 runtime failure, 2 usage / input error (bad flags, missing files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that contribute subcommands, in the order `--help` lists them.
+COMMAND_MODULES = [
+    "nanogpt_mlx.server.cli",
+    "nanogpt_mlx.model.cli",
+    "nanogpt_mlx.training.data",
+    "nanogpt_mlx.training.cli",
+    "nanogpt_mlx.benchmarks.cli",
+]
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as `error: ...` with exit code 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nanogpt_mlx import __version__
+
+    parser = argparse.ArgumentParser(prog="nanogpt-mlx", description=__doc__.split("\n")[0].split("—")[-1].strip())
+    parser.add_argument("--version", action="version", version=f"nanogpt-mlx {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:  # that part of the project is not written yet
+                continue
+            raise
+        module.register_cli(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. `nanogpt-mlx generate ... | head`: the reader is gone
+        sys.stderr.close()
+        return 0
+    except Exception as exc:
+        # Known, user-fixable failures from the library carry their own message.
+        from nanogpt_mlx.model.checkpoint import CheckpointError
+
+        if isinstance(exc, (CheckpointError, FileNotFoundError)):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
