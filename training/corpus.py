@@ -253,15 +253,16 @@ def _pythonbible_books(pkg_dir: Path, module: str) -> Iterator[Doc]:
     by_chapter: dict[tuple[int, int], list[str]] = {}
     for vid in sorted(starts):
         verse = text[starts[vid]:ends[vid]]
-        # The BBE Psalms carry stray "\3:5\" verse markers inside the running text.
-        verse = re.sub(r"\\\d+:\d+\\", " ", verse)
-        # The KJV marks translators' supplied words with [brackets]: keep the words.
-        verse = verse.replace("[", "").replace("]", "")
         by_chapter.setdefault((vid // 1_000_000, vid // 1000 % 1000), []).append(verse)
     books: dict[int, list[str]] = {}
     for (book, _chapter), verses in sorted(by_chapter.items()):
         # Newlines inside the text mark paragraphs; each chapter starts a new paragraph.
         chapter = "".join(verses).replace("\n", "\n\n")
+        # The BBE carries stray "\43:3\" verse markers and lone backslashes in the running text
+        # (often across a verse boundary, so this is done per chapter).
+        chapter = re.sub(r"\\(?:\d+:\d+\\)?", " ", chapter)
+        # The KJV marks translators' supplied words with [brackets]: keep the words.
+        chapter = chapter.replace("[", "").replace("]", "")
         # Verses that open a parenthesis start "( For ..." in the KJV text.
         chapter = re.sub(r"(?<=\S)\(\s*", " (", re.sub(r"\(\s+", "(", chapter))
         books.setdefault(book, []).append(normalize(chapter, "reflow"))
@@ -809,6 +810,7 @@ def split_docs(docs: Iterable[Doc], policy: str) -> tuple[list[str], list[str]]:
 
 def _atomic_write(path: Path, write: Callable[[object], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the corpus is meant to be shared
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             write(fh)
