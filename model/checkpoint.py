@@ -100,7 +100,11 @@ def load_config(model_dir: str | os.PathLike) -> ModelConfig:
 
 
 def load_model(model_dir: str | os.PathLike, dtype=mx.float32) -> GPT:
-    """Load a HF GPT-2 directory into an MLX `GPT` (fp32 by default: the fast CPU path)."""
+    """Load a HF GPT-2 directory into an MLX `GPT` (fp32 by default: the fast CPU path).
+
+    The model comes back in inference mode (dropout off, whatever config.json says); call
+    `model.train()` to fine-tune it.
+    """
     config = load_config(model_dir)
     weights_path = Path(model_dir) / WEIGHTS_FILE
     if not weights_path.is_file():
@@ -111,6 +115,7 @@ def load_model(model_dir: str | os.PathLike, dtype=mx.float32) -> GPT:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {exc}") from exc
     model = GPT(config)
     load_weights(model, GPT.sanitize(raw), source=str(weights_path), dtype=dtype)
+    model.eval()
     return model
 
 
