@@ -1,0 +1,301 @@
+"""The network is proven correct (issue 3, item 3).
+
+(a) our logits == transformers GPT2LMHeadModel loaded from the same directory (full shape, untied
+    and tied), max abs difference <= 1e-4;
+(b) incremental decode through the KV cache == recomputing the whole sequence;
+(c) a batch of rows at different lengths == each row alone (forward_cached and ModelRunner.decode);
+(d) parameter counts 52,990,464 (separate head) and 33,691,776 (tied).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from nanogpt_mlx.model.checkpoint import load_model, save_checkpoint
+from nanogpt_mlx.model.config import ModelConfig
+from nanogpt_mlx.model.generate import context_for, generate_tokens
+from nanogpt_mlx.model.gpt import GPT, KVCache
+from nanogpt_mlx.model.runner import ModelRunner
+from nanogpt_mlx.model.sampling import SamplingParams
+
+HF_TOLERANCE = 1e-4
+
+
+def tokens(seed: int, shape, vocab: int = 50257) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int32)
+
+
+def full_logits(model: GPT, seq) -> np.ndarray:
+    """Reference: the whole sequence through the plain (uncached) forward, (T, vocab)."""
+    return np.array(model(mx.array(np.asarray(seq, dtype=np.int32)[None, :])))[0]
+
+
+# --- (d) parameter counts ----------------------------------------------------------------------
+def test_default_config_is_the_card():
+    c = ModelConfig()
+    assert (c.n_layer, c.n_embd, c.n_head, c.n_inner, c.block_size, c.vocab_size) == (8, 384, 8, 1536, 512, 50257)
+    assert c.layer_norm_eps == 1e-5 and c.tie_embeddings is False and c.head_dim == 48
+
+
+def test_parameter_count_separate_head():
+    assert GPT(ModelConfig()).num_params() == 52_990_464
+
+
+def test_parameter_count_tied_head():
+    model = GPT(ModelConfig(tie_embeddings=True))
+    assert model.num_params() == 33_691_776
+    assert not hasattr(model, "lm_head")
+
+
+def test_config_round_trips_through_hf_dict():
+    c = ModelConfig(n_layer=3, n_head=2, n_embd=16, n_inner=40, block_size=64, tie_embeddings=True, dropout=0.1)
+    assert ModelConfig.from_hf_dict(c.to_hf_dict()) == c
+    assert c.to_hf_dict()["activation_function"] == "gelu"  # exact erf GELU in transformers
+
+
+def test_config_rejects_tanh_gelu_and_bad_shapes():
+    d = ModelConfig().to_hf_dict()
+    with pytest.raises(ValueError, match="activation_function"):
+        ModelConfig.from_hf_dict({**d, "activation_function": "gelu_new"})
+    with pytest.raises(ValueError, match="multiple"):
+        ModelConfig(n_embd=30, n_head=4)
+
+
+# --- (a) equality with transformers --------------------------------------------------------------
+def hf_logits(model_dir, toks: np.ndarray, **overrides) -> tuple[np.ndarray, object]:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True, **overrides)
+    hf.eval()
+    assert type(hf).__name__ == "GPT2LMHeadModel"
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    with torch.no_grad():
+        out = hf(torch.tensor(toks, dtype=torch.long)).logits.float().numpy()
+    return out, hf
+
+
+@pytest.mark.parametrize("shape", [(1, 512), (3, 40)], ids=["1x512", "3x40"])
+def test_logits_match_transformers_full_size(full_checkpoint, shape):
+    toks = tokens(10, shape)
+    ref, hf = hf_logits(full_checkpoint, toks)
+    assert hf.config.activation_function == "gelu" and hf.config.tie_word_embeddings is False
+    assert hf.lm_head.weight.data_ptr() != hf.transformer.wte.weight.data_ptr()
+    assert hf.num_parameters() == 52_990_464
+    ours = np.array(load_model(full_checkpoint)(mx.array(toks)))
+    assert ours.shape == ref.shape == (*shape, 50257)
+    assert ref.std() > 0.5  # the weights are random enough that a wrong mapping cannot agree
+    assert np.abs(ours - ref).max() <= HF_TOLERANCE
+
+
+def test_logits_match_transformers_full_size_tied(tmp_path, random_model):
+    model = random_model(ModelConfig(tie_embeddings=True), seed=3)
+    save_checkpoint(model, tmp_path / "tied")
+    toks = tokens(11, (2, 128))
+    ref, hf = hf_logits(tmp_path / "tied", toks)
+    assert hf.config.tie_word_embeddings is True
+    assert hf.num_parameters() == 33_691_776
+    ours = np.array(load_model(tmp_path / "tied")(mx.array(toks)))
+    assert ref.std() > 0.5
+    assert np.abs(ours - ref).max() <= HF_TOLERANCE
+
+
+def test_the_hf_comparison_can_fail(full_checkpoint):
+    """The tolerance has power: the tanh GELU (GPT-2's own) differs by more than 1e-4."""
+    toks = tokens(10, (1, 128))
+    ref, _ = hf_logits(full_checkpoint, toks, activation_function="gelu_new")
+    ours = np.array(load_model(full_checkpoint)(mx.array(toks)))
+    assert np.abs(ours - ref).max() > HF_TOLERANCE
+
+
+def test_cached_prefill_matches_transformers(full_checkpoint):
+    """The serving path (forward_cached + last-position logits) agrees with transformers too."""
+    toks = tokens(12, (1, 200))
+    ref, _ = hf_logits(full_checkpoint, toks)
+    model = load_model(full_checkpoint)
+    runner = ModelRunner(model, max_rows=1)
+    last = runner.prefill(0, toks[0], start=0)
+    assert np.abs(last - ref[0, -1]).max() <= HF_TOLERANCE
+
+
+# --- (b) KV cache == recomputation ---------------------------------------------------------------
+@pytest.mark.parametrize("which", ["tiny", "full"])
+def test_incremental_decode_matches_recompute(which, random_model, tiny_config, full_checkpoint):
+    model = random_model(tiny_config, seed=4) if which == "tiny" else load_model(full_checkpoint)
+    tol = 1e-5 if which == "tiny" else 1e-4
+    block = model.config.block_size
+    seq = tokens(13, (90,)).tolist()
+    prompt_len = 50
+    reference = full_logits(model, seq)
+    cache = KVCache(model.config, rows=1)
+    hidden = model.forward_cached(mx.array([seq[:prompt_len]]), mx.array([0]), cache, context_for(prompt_len, block))
+    prefill = np.array(model.logits(hidden))[0]
+    assert np.abs(prefill - reference[:prompt_len]).max() <= tol  # every prefill position, not just the last
+    for pos in range(prompt_len, len(seq)):  # crosses the 64-column context bucket boundary
+        hidden = model.forward_cached(mx.array([[seq[pos]]]), mx.array([pos]), cache, context_for(pos + 1, block))
+        step = np.array(model.logits(hidden[:, -1]))[0]
+        assert np.abs(step - reference[pos]).max() <= tol, f"position {pos}"
+
+
+def test_chunked_prefill_matches_recompute(random_model, tiny_config):
+    model = random_model(tiny_config, seed=5)
+    seq = tokens(14, (100,)).tolist()
+    reference = full_logits(model, seq)
+    cache = KVCache(model.config, rows=1)
+    outs = []
+    for begin, end in [(0, 7), (7, 64), (64, 65), (65, 100)]:
+        hidden = model.forward_cached(mx.array([seq[begin:end]]), mx.array([begin]), cache, context_for(end, 128))
+        outs.append(np.array(model.logits(hidden))[0])
+    assert np.abs(np.concatenate(outs) - reference).max() <= 1e-5
+
+
+def test_full_context_decode(random_model, tiny_config):
+    """Up to the last position of the context (block_size 128)."""
+    model = random_model(tiny_config, seed=6)
+    seq = tokens(15, (128,)).tolist()
+    reference = full_logits(model, seq)
+    runner = ModelRunner(model, max_rows=1)
+    runner.prefill(0, seq[:120], start=0)
+    for pos in range(120, 128):
+        step = runner.decode(np.array([seq[pos]]), np.array([pos]))
+        assert np.abs(step[0] - reference[pos]).max() <= 1e-5
+
+
+def test_sequence_longer_than_context_is_rejected(random_model, tiny_config):
+    model = random_model(tiny_config)
+    with pytest.raises(ValueError, match="context"):
+        model(mx.array(tokens(0, (1, 129))))
+    with pytest.raises(ValueError, match="context"):
+        list(generate_tokens(model, [1] * 100, max_tokens=29))
+
+
+# --- (c) batched rows at different lengths == each row alone ------------------------------------------
+def test_forward_cached_batch_of_different_lengths(random_model, tiny_config):
+    model = random_model(tiny_config, seed=7)
+    lengths = [3, 30, 70, 1]
+    seqs = [tokens(20 + i, (n + 5,)).tolist() for i, n in enumerate(lengths)]
+    cache = KVCache(model.config, rows=len(seqs))
+    # prefill each row on its own into its cache row (row_start)
+    for row, (seq, n) in enumerate(zip(seqs, lengths)):
+        model.forward_cached(mx.array([seq[:n]]), mx.array([0]), cache, context_for(n, 128), row_start=row)
+    # then all rows advance together: first by 3 tokens each, then by 1, each at its own position
+    for step_len in (3, 1, 1):
+        starts = np.array(lengths)
+        batch = np.array([seq[s : s + step_len] for seq, s in zip(seqs, starts)], dtype=np.int32)
+        context = context_for(int(starts.max()) + step_len, 128)
+        hidden = model.forward_cached(mx.array(batch), mx.array(starts.astype(np.int32)), cache, context)
+        batched = np.array(model.logits(hidden))
+        for row, seq in enumerate(seqs):
+            alone = full_logits(model, seq[: starts[row] + step_len])[starts[row] :]
+            assert np.abs(batched[row] - alone).max() <= 1e-5, f"row {row} at length {starts[row]}"
+        lengths = [n + step_len for n in lengths]
+
+
+def test_runner_decode_batch_matches_rows_alone(random_model, tiny_config):
+    model = random_model(tiny_config, seed=8)
+    prompts = [tokens(30, (5,)).tolist(), tokens(31, (63,)).tolist(), tokens(32, (64,)).tolist(), tokens(33, (90,)).tolist()]
+    runner = ModelRunner(model, max_rows=6)  # spare rows stay untouched
+    alone_runners = [ModelRunner(model, max_rows=1) for _ in prompts]
+    seqs = [list(p) for p in prompts]
+    nxt = []
+    for row, p in enumerate(prompts):
+        last = runner.prefill(row, p, start=0)
+        last_alone = alone_runners[row].prefill(0, p, start=0)
+        assert np.abs(last - last_alone).max() <= 1e-5
+        assert np.abs(last - full_logits(model, p)[-1]).max() <= 1e-5
+        nxt.append(int(np.argmax(last)))
+    for _ in range(6):
+        positions = np.array([len(s) for s in seqs])
+        batched = runner.decode(np.array(nxt), positions)
+        assert batched.shape == (len(prompts), model.config.vocab_size)
+        for row, seq in enumerate(seqs):
+            alone = alone_runners[row].decode(np.array([nxt[row]]), positions[row : row + 1])[0]
+            assert np.abs(batched[row] - alone).max() <= 1e-5
+            seq.append(nxt[row])
+            assert np.abs(batched[row] - full_logits(model, seq)[-1]).max() <= 1e-5
+        nxt = [int(np.argmax(r)) for r in batched]
+
+
+def test_reused_cache_row_does_not_leak_stale_entries(random_model, tiny_config):
+    """A row that held a longer sequence, refilled with a shorter one, decodes like a fresh row."""
+    model = random_model(tiny_config, seed=9)
+    runner = ModelRunner(model, max_rows=2)
+    runner.prefill(0, tokens(40, (100,)), start=0)
+    short = tokens(41, (10,)).tolist()
+    runner.prefill(0, short, start=0)
+    step = runner.decode(np.array([7]), np.array([10]))
+    assert np.abs(step[0] - full_logits(model, short + [7])[-1]).max() <= 1e-5
+
+
+def test_move_row_keeps_the_sequence(random_model, tiny_config):
+    model = random_model(tiny_config, seed=10)
+    runner = ModelRunner(model, max_rows=3)
+    seq = tokens(42, (20,)).tolist()
+    runner.prefill(2, seq, start=0)
+    runner.move_row(2, 0)
+    step = runner.decode(np.array([5]), np.array([20]))
+    assert np.abs(step[0] - full_logits(model, seq + [5])[-1]).max() <= 1e-5
+
+
+def test_prefill_all_logits_and_continuation(random_model, tiny_config):
+    model = random_model(tiny_config, seed=11)
+    seq = tokens(43, (40,)).tolist()
+    reference = full_logits(model, seq)
+    runner = ModelRunner(model, max_rows=1)
+    first = runner.prefill(0, seq[:25], start=0, all_logits=True)
+    rest = runner.prefill(0, seq[25:], start=25, all_logits=True)
+    assert first.shape == (25, model.config.vocab_size)
+    assert np.abs(np.concatenate([first, rest]) - reference).max() <= 1e-5
+
+
+def test_runner_rejects_bad_requests(random_model, tiny_config):
+    runner = ModelRunner(random_model(tiny_config), max_rows=2)
+    with pytest.raises(ValueError):
+        runner.prefill(0, [], start=0)
+    with pytest.raises(ValueError):
+        runner.prefill(0, [1] * 10, start=120)
+    with pytest.raises(ValueError):
+        runner.decode(np.array([1, 2, 3]), np.array([0, 0, 0]))
+    with pytest.raises(ValueError):
+        runner.decode(np.array([1]), np.array([128]))
+
+
+# --- generation ------------------------------------------------------------------------------------
+def test_greedy_generation_matches_naive_argmax_loop(random_model, tiny_config):
+    model = random_model(tiny_config, seed=12)
+    prompt = tokens(44, (50,)).tolist()
+    got = list(generate_tokens(model, prompt, max_tokens=30, params=SamplingParams(temperature=0.0)))
+    seq = list(prompt)
+    for _ in range(30):
+        seq.append(int(np.argmax(full_logits(model, seq)[-1])))
+    assert got == seq[len(prompt) :]
+
+
+def test_generation_stops_at_a_stop_token(random_model, tiny_config):
+    model = random_model(tiny_config, seed=12)
+    prompt = tokens(44, (50,)).tolist()
+    free = list(generate_tokens(model, prompt, max_tokens=10))
+    stopped = list(generate_tokens(model, prompt, max_tokens=10, stop_tokens=frozenset({free[3]})))
+    assert stopped == free[: free.index(free[3]) + 1]
+
+
+def test_seeded_generation_is_reproducible(random_model, tiny_config):
+    model = random_model(tiny_config, seed=13)
+    params = lambda seed: SamplingParams(temperature=1.0, top_k=50, seed=seed)  # noqa: E731
+    a = list(generate_tokens(model, [1, 2, 3], 20, params(5)))
+    b = list(generate_tokens(model, [1, 2, 3], 20, params(5)))
+    c = list(generate_tokens(model, [1, 2, 3], 20, params(6)))
+    assert a == b and a != c
+
+
+def test_loaded_model_is_in_inference_mode(tmp_path, random_model, tiny_config):
+    """A checkpoint trained with dropout must not apply dropout when loaded to serve."""
+    model = random_model(tiny_config.replace(dropout=0.1), seed=14)
+    save_checkpoint(model, tmp_path / "ck")
+    loaded = load_model(tmp_path / "ck")
+    toks = mx.array(tokens(45, (2, 20)))
+    a, b = np.array(loaded(toks)), np.array(loaded(toks))
+    model.eval()
+    assert np.array_equal(a, b)
+    assert np.abs(a - np.array(model(toks))).max() <= 1e-6
