@@ -1,0 +1,107 @@
+"""Held-out loss, perplexity and throughput: `nanogpt-mlx eval --model DIR --data SHARDS`.
+
+The validation split is walked in order, non-overlapping windows of `seq_len`, so the same
+data gives the same number every time. Under `mx.distributed` each process scores every
+world-th batch and the sums are added across processes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from itertools import islice
+
+import mlx.core as mx
+
+from nanogpt_mlx.model.gpt import GPT
+from nanogpt_mlx.training.losses import token_cross_entropy
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean nats per token
+    tokens: int
+    seconds: float
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 700.0))
+
+    @property
+    def tok_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    def as_dict(self) -> dict:
+        return {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens, "seconds": self.seconds, "tok_per_s": self.tok_per_s}
+
+
+class Evaluator:
+    """Scores (x, y) batches with a compiled forward pass that reads the model's current weights."""
+
+    def __init__(self, model: GPT, group=None):
+        self.model = model
+        self.group = group
+        self.world = group.size() if group is not None else 1
+        self.rank = group.rank() if group is not None else 0
+
+        # The model's parameters are compile *inputs*, so the compiled graph sees each update
+        # (captured arrays would be frozen into the graph as constants).
+        def _loss_sum(x, y):
+            return token_cross_entropy(model(x), y).sum()
+
+        self._loss_sum = mx.compile(_loss_sum, inputs=model.state)
+
+    def __call__(self, batches, max_batches: int | None = None) -> EvalResult:
+        was_training = self.model.training
+        self.model.eval()
+        total = mx.array(0.0)
+        count = 0
+        start = time.perf_counter()
+        try:
+            iterator = batches if max_batches is None else islice(batches, max_batches)
+            for i, (x, y) in enumerate(iterator):
+                if i % self.world != self.rank:
+                    continue
+                total = total + self._loss_sum(mx.array(x), mx.array(y))
+                count += y.size
+                mx.eval(total)
+        finally:
+            self.model.train(was_training)
+        if self.world > 1:
+            sums = mx.distributed.all_sum(mx.array([total.item(), float(count)]), group=self.group)
+            total_loss, count = float(sums[0].item()), int(sums[1].item())
+        else:
+            total_loss = float(total.item())
+        seconds = time.perf_counter() - start
+        if count == 0:
+            return EvalResult(loss=float("nan"), tokens=0, seconds=seconds)
+        return EvalResult(loss=total_loss / count, tokens=count, seconds=seconds)
+
+
+def run_eval(model_dir: str, data_dir: str, split: str = "val", batch_size: int = 8, seq_len: int | None = None, max_batches: int | None = None, progress: bool = True) -> EvalResult:
+    from tqdm import tqdm
+
+    from nanogpt_mlx.model.checkpoint import load_model
+    from nanogpt_mlx.training.data import DataError, TokenShards, sequential_batches
+    from nanogpt_mlx.training.recipe import TrainingError
+
+    model = load_model(model_dir)
+    seq_len = seq_len or model.config.block_size
+    if seq_len > model.config.block_size:
+        raise TrainingError(f"--seq-len {seq_len} exceeds the model's context ({model.config.block_size})")
+    try:
+        shards = TokenShards(data_dir, split)
+    except DataError as exc:
+        raise TrainingError(str(exc)) from exc
+    vocab = shards.manifest["tokenizer"].get("vocab_size", 0)
+    if vocab > model.config.vocab_size:
+        raise TrainingError(f"{data_dir} was tokenized with {vocab} token ids; the model knows only {model.config.vocab_size}")
+    windows = sum((len(s) - 1) // seq_len for s in shards.shards)
+    if windows == 0:
+        raise TrainingError(f"the {split} split of {data_dir} has {len(shards)} tokens: not one window of {seq_len} + 1")
+    n_batches = math.ceil(windows / batch_size)
+    if max_batches:
+        n_batches = min(n_batches, max_batches)
+    batches = tqdm(sequential_batches(shards, batch_size, seq_len), total=n_batches, desc="eval", unit="batch", disable=not progress)
+    return Evaluator(model)(batches, max_batches=n_batches)
