@@ -69,7 +69,9 @@ def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     """
     if p >= 1.0:
         return logits
-    probs = softmax(logits)
+    # float64: a float32 cumulative sum over tens of thousands of small probabilities drifts by
+    # ~1e-5, enough to keep one token too many or too few when the distribution is flat.
+    probs = softmax(logits.astype(np.float64))
     n = logits.shape[-1]
     width = min(256, n)
     while True:
