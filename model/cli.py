@@ -29,6 +29,17 @@ def add_device_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="where MLX runs (default: GPU if Metal/CUDA is available)")
 
 
+def select_device(name: str) -> str:
+    """`backend.select_device`, with an unavailable `--device gpu` reported as a user error."""
+    from nanogpt_mlx.cli import UserError
+    from nanogpt_mlx.model import backend
+
+    try:
+        return backend.select_device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(str(exc)) from exc
+
+
 def register_cli(subparsers) -> None:
     p = subparsers.add_parser("info", help="version, device, BLAS and a measured fp32 GFLOP/s")
     add_device_flag(p)
@@ -63,7 +74,7 @@ def cmd_info(args) -> int:
     from nanogpt_mlx import __version__
     from nanogpt_mlx.model import backend
 
-    device = backend.select_device(args.device)
+    device = select_device(args.device)
     report = backend.REPORT
     print(f"nanogpt-mlx {__version__}   mlx {mx.__version__}   python {platform.python_version()}   {platform.machine()} {platform.system()}")
     print(f"device: {device}")
@@ -79,7 +90,6 @@ def cmd_info(args) -> int:
 
 def cmd_generate(args) -> int:
     from nanogpt_mlx.cli import UserError
-    from nanogpt_mlx.model import backend
     from nanogpt_mlx.model.checkpoint import load_model
     from nanogpt_mlx.model.generate import generate_tokens
     from nanogpt_mlx.model.sampling import SamplingParams
@@ -89,7 +99,7 @@ def cmd_generate(args) -> int:
         raise UserError("--max-tokens must be at least 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         raise UserError("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0")
-    backend.select_device(args.device)
+    select_device(args.device)
     model_dir = resolve_model_dir(args.model)
     model = load_model(model_dir)
     tokenizer = get_tokenizer(model_dir)
