@@ -1,0 +1,177 @@
+"""The fast CPU runtime (issue 3, item 6), checked deterministically, never by timing.
+
+Each check runs in a fresh subprocess, because what `prepare_runtime` does depends on what the
+process imported first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import cli_env
+
+LINUX_X86 = sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
+MKL_PRESENT = any(Path(sys.prefix, "lib").glob("libmkl_rt.so*"))
+needs_mkl = pytest.mark.skipif(not (LINUX_X86 and MKL_PRESENT), reason="MKL from PyPI is only installed on Linux x86-64")
+
+# Imports the package, runs a matmul, then reports what is mapped and what prepare_runtime did.
+PROBE = r"""
+import json, os, sys, warnings
+warnings.simplefilter("always")
+{before}
+import nanogpt_mlx
+import mlx.core as mx
+import numpy as np
+from nanogpt_mlx.model import backend
+a = mx.random.normal((256, 256))
+mx.eval(a @ a)
+with open("/proc/self/maps") as f:
+    mapped = sorted({{line.split()[-1] for line in f if len(line.split()) >= 6}})
+r = backend.REPORT
+print(json.dumps({{
+    "mapped": mapped,
+    "blas_name": r.blas_name, "blas_path": r.blas_path, "ftz_daz": r.ftz_daz,
+    "malloc_tuned": r.malloc_tuned, "jit": r.jit_march_native, "notes": r.notes,
+    "loaded_blas": backend.loaded_blas_libraries(),
+    "threads": backend.blas_threads(),
+    "numpy_denormal": float(np.float32(1e-38) * np.float32(1e-3)),
+    "mlx_denormal": (mx.array([1e-38]) * 1e-3).item(),
+    "path0": os.environ["PATH"].split(os.pathsep)[0],
+}}))
+"""
+
+
+def probe(before: str = "", **env: str) -> tuple[dict, str]:
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE.format(before=before)],
+        capture_output=True, text=True, env=cli_env(**env), timeout=120, stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+def names(paths: list[str]) -> list[str]:
+    return [os.path.basename(p) for p in paths]
+
+
+def mkl_mapped(mapped: list[str]) -> list[str]:
+    return [n for n in names(mapped) if n.startswith("libmkl_")]
+
+
+@pytest.fixture(scope="module")
+def default_probe():
+    env = {k: v for k, v in os.environ.items() if k != "NANOGPT_MLX_NO_BLAS"}
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE.format(before="")],
+        capture_output=True, text=True, env=env, timeout=120, stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+@needs_mkl
+def test_mkl_and_its_compute_kernels_are_mapped(default_probe):
+    report, stderr = default_probe
+    mkl = mkl_mapped(report["mapped"])
+    assert any(re.fullmatch(r"libmkl_rt\.so\.\d+", n) for n in mkl), mkl
+    assert any(n.startswith("libmkl_core.so") for n in mkl), mkl
+    # the kernels a matmul actually ran: a CPU-specific compute library and a threading layer
+    assert any(re.match(r"libmkl_(def|mc3|avx2|avx512|avx10)\.so", n) for n in mkl), mkl
+    assert any(re.match(r"libmkl_(intel_thread|gnu_thread|sequential|tbb_thread)\.so", n) for n in mkl), mkl
+    assert report["blas_name"] == "mkl" and "libmkl_rt.so" in report["blas_path"]
+    assert any("libmkl_rt" in p for p in report["loaded_blas"])
+    assert report["threads"] and report["threads"] >= 1
+    assert "no optimized BLAS" not in stderr
+
+
+@needs_mkl
+def test_no_blas_switch_keeps_mkl_out():
+    report, _ = probe(NANOGPT_MLX_NO_BLAS="1")
+    assert mkl_mapped(report["mapped"]) == []
+    assert report["blas_name"].startswith("reference") and report["blas_path"] is None
+    assert any("NANOGPT_MLX_NO_BLAS" in n for n in report["notes"])
+
+
+@needs_mkl
+def test_importing_mlx_first_warns_and_cannot_load_blas():
+    report, stderr = probe(before="import mlx.core")
+    assert "RuntimeWarning" in stderr and "import nanogpt_mlx before mlx.core" in stderr
+    assert mkl_mapped(report["mapped"]) == []
+    assert any("mlx.core was imported before" in n for n in report["notes"])
+
+
+@pytest.mark.skipif(not LINUX_X86, reason="FTZ/DAZ is set through MXCSR on x86-64")
+def test_flush_to_zero_is_on(default_probe):
+    report, _ = default_probe
+    assert report["ftz_daz"] is True
+    # a product that would be denormal comes out as zero, in NumPy and in MLX
+    assert report["numpy_denormal"] == 0.0 and report["mlx_denormal"] == 0.0
+    plain = subprocess.run([sys.executable, "-c", "import numpy as np; print(float(np.float32(1e-38) * np.float32(1e-3)))"], capture_output=True, text=True)
+    assert float(plain.stdout) != 0.0  # without nanogpt_mlx the same product is a denormal
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc / g++ JIT are Linux-only")
+def test_malloc_and_jit_wrapper(default_probe):
+    report, _ = default_probe
+    assert report["malloc_tuned"] is True
+    if report["jit"]:
+        wrapper = Path(report["path0"]) / "g++"
+        text = wrapper.read_text()
+        assert "-march=native" in text and os.access(wrapper, os.X_OK)
+    else:
+        import shutil
+
+        assert shutil.which("g++") is None  # only skipped when there is no compiler at all
+
+
+def test_select_device():
+    from nanogpt_mlx.model import backend
+
+    import mlx.core as mx
+
+    assert backend.select_device("cpu") == "cpu"
+    with pytest.raises(ValueError):
+        backend.select_device("tpu")
+    has_gpu = mx.is_available(mx.gpu)
+    if not has_gpu:
+        with pytest.raises(RuntimeError, match="no Metal or CUDA"):
+            backend.select_device("gpu")
+    assert backend.select_device("auto") == ("gpu" if has_gpu else "cpu")
+    mx.set_default_device(mx.cpu)
+
+
+def test_prepare_runtime_is_idempotent():
+    from nanogpt_mlx.model import backend
+
+    assert backend.prepare_runtime() is backend.REPORT
+    assert backend.prepare_runtime() is backend.REPORT
+
+
+@needs_mkl
+def test_info_prints_mkl_and_gflops(run_cli):
+    proc = run_cli("info")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert re.search(r"^blas: mkl \(.*libmkl_rt\.so.*\)$", out, re.M), out
+    assert re.search(r"^blas threads: \d+$", out, re.M), out
+    assert re.search(r"^device: (cpu|gpu)$", out, re.M), out
+    assert re.search(r"^nanogpt-mlx \d+\.\d+\.\d+ +mlx \d+\.\d+", out, re.M), out
+    assert "ftz/daz=on" in out
+    m = re.search(r"fp32 matmul .*: ([\d.]+) GFLOP/s", out)
+    assert m and float(m.group(1)) > 0, out
+
+
+@needs_mkl
+def test_info_without_blas(run_cli):
+    proc = run_cli("info", env=cli_env(NANOGPT_MLX_NO_BLAS="1"))
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^blas: reference", proc.stdout, re.M), proc.stdout
+    assert "GFLOP/s" in proc.stdout
