@@ -273,7 +273,6 @@ def test_random_window_sampler_windows_and_determinism(two_shard_data):
     a = RandomWindowSampler(shards, batch_size=4, seq_len=16, seed=7)
     b = RandomWindowSampler(shards, batch_size=4, seq_len=16, seed=7)
     c = RandomWindowSampler(shards, batch_size=4, seq_len=16, seed=8)
-    text = stream.tolist()
     seen_shards = set()
     for _ in range(20):
         (xa, ya), (xb, yb), (xc, _) = next(a), next(b), next(c)
