@@ -147,9 +147,11 @@ class Fetcher:
             return dest
         dl = self.cache / "deb" / "_downloads"
         dl.mkdir(parents=True, exist_ok=True)
-        # apt drops privileges to `_apt` for downloads; a directory it can write avoids a warning.
-        os.chmod(dl, 0o777)
-        self._run(["apt-get", "download", "-q", name], cwd=dl)
+        # (apt warns that it downloads unsandboxed when `_apt` cannot write here; harmless.)
+        try:
+            self._run(["apt-get", "download", "-q", name], cwd=dl)
+        except SourceUnavailable as exc:
+            raise SourceUnavailable(f"{exc} (has `apt-get update` been run?)") from None
         debs = sorted(dl.glob(f"{name}_*.deb"), key=lambda p: p.stat().st_mtime)
         if not debs:
             raise SourceUnavailable(f"apt-get download produced no .deb for {name}")
