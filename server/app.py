@@ -1,0 +1,354 @@
+"""The HTTP surface: FastAPI routes over one `Engine`, errors in OpenAI's shape.
+
+    POST /v1/completions   OpenAI legacy completions (JSON, or server-sent events with stream)
+    GET  /v1/models        the served model;  GET /v1/models/{id}
+    POST /tokenize         {"prompt": "..."} -> {"tokens", "count", "max_model_len"}
+    POST /detokenize       {"tokens": [...]} -> {"prompt"}
+    GET  /health           200 while the engine runs with the model loaded, else 503
+    GET  /metrics          Prometheus text format
+
+Bodies are read and parsed here rather than by FastAPI, so that every failure (wrong content
+type, oversized body, invalid UTF-8 or JSON, a bad field) becomes a 4xx with OpenAI's
+`{"error": {"message", "type", "param", "code"}}` body instead of FastAPI's 422 list. With
+`--api-key`, the /v1 and tokenize routes need `Authorization: Bearer KEY`; /health and
+/metrics stay open for probes and Prometheus.
+
+The model loads on the engine thread after the server starts listening; until it is ready,
+/health and completions answer 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nanogpt_mlx.model.checkpoint import load_config
+from nanogpt_mlx.model.tokenizer import get_tokenizer
+from nanogpt_mlx.server.completions import Completions
+from nanogpt_mlx.server.engine import Engine, EngineUnavailableError, QueueFullError
+from nanogpt_mlx.server.metrics import ServerMetrics
+from nanogpt_mlx.server.protocol import (
+    APIError,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from nanogpt_mlx.server.settings import ServerSettings
+
+log = logging.getLogger("nanogpt_mlx.server")
+
+RETRY_AFTER_SECONDS = "1"
+
+
+class ServerContext:
+    """Everything the routes share: settings, engine, tokenizer, metrics, and the drain state."""
+
+    def __init__(self, settings: ServerSettings, model_dir: Path):
+        self.settings = settings
+        self.model_dir = model_dir
+        config = load_config(model_dir)
+        self.max_len = config.block_size
+        self.vocab_size = config.vocab_size
+        self.tokenizer = get_tokenizer(model_dir)
+        self.metrics = ServerMetrics(settings.max_batch)
+        self.engine = Engine(
+            self._load_runner,
+            self.tokenizer,
+            max_batch=settings.max_batch,
+            max_queue=settings.max_queue,
+            max_len=self.max_len,
+            prefill_chunk=settings.prefill_chunk,
+            metrics=self.metrics,
+        )
+        self.completions = Completions(
+            self.tokenizer,
+            settings.served_model_name,
+            self.max_len,
+            self.vocab_size,
+            max_n=settings.max_n,
+            max_sequences=settings.max_queue,
+        )
+        self.created = int(time.time())
+        self.draining = False
+        self.inflight = 0  # completion requests being answered
+
+    def _load_runner(self, rows: int):
+        """Runs on the engine thread: every MLX object lives on that thread."""
+        from nanogpt_mlx.model import backend
+        from nanogpt_mlx.model.checkpoint import load_model
+        from nanogpt_mlx.model.runner import ModelRunner
+
+        device = backend.select_device(self.settings.device)
+        started = time.perf_counter()
+        model = load_model(self.model_dir)
+        log.info("loaded %s on %s (%s) in %.1f s", self.model_dir, device, backend.REPORT.blas_name, time.perf_counter() - started)
+        return ModelRunner(model, max_rows=rows, max_len=self.max_len)
+
+    async def drain(self, timeout: float) -> None:
+        """Graceful shutdown: answer 503 from now on, let in-flight work finish, end the rest.
+
+        Sequences still running at the deadline end with finish_reason "abort" and their text so
+        far; we then give their responses a moment to reach the clients.
+        """
+        self.draining = True
+        finished = await self.engine.drain(timeout)
+        if not finished:
+            log.warning("shutdown deadline of %.0f s reached: ended the remaining sequences", timeout)
+        deadline = time.monotonic() + 5.0
+        while self.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+
+def create_app(settings: ServerSettings, model_dir: Path) -> FastAPI:
+    ctx = ServerContext(settings, model_dir)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        ctx.engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(ctx.engine.shutdown)
+
+    app = FastAPI(title="nanogpt-mlx", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.ctx = ctx
+    _install_error_handlers(app, ctx)
+
+    def require_api_key(request: Request) -> None:
+        key = settings.api_key
+        if not key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+            message = "Missing API key: send 'Authorization: Bearer KEY'." if not header else "Incorrect API key provided."
+            raise APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def require_model(name: str | None) -> None:
+        if name is not None and name != settings.served_model_name:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{settings.served_model_name}'.", param="model", code="model_not_found")
+
+    def require_ready() -> None:
+        if ctx.draining:
+            raise _unavailable("The server is shutting down; retry on another instance.")
+        if not ctx.engine.ready:
+            if ctx.engine.state == "loading":
+                raise _unavailable("The model is still loading; retry shortly.")
+            raise _unavailable(f"The engine is not running ({ctx.engine.failure or ctx.engine.state}).")
+
+    @app.post("/v1/completions", dependencies=[Depends(require_api_key)])
+    async def create_completion(request: Request):
+        req = _parse(CompletionRequest, await read_json(request, settings.max_body_bytes))
+        require_model(req.model)
+        plan = ctx.completions.plan(req)
+        require_ready()
+        try:
+            submission = ctx.engine.submit(plan.sequences)
+        except QueueFullError as exc:
+            raise _unavailable(f"The server is overloaded ({exc}); retry shortly.", code="queue_full") from None
+        except EngineUnavailableError as exc:
+            raise _unavailable(f"The server cannot take requests now: {exc}.") from None
+
+        ctx.inflight += 1
+        if req.stream:
+            ended = False
+
+            def end_stream() -> None:
+                # Runs when the response ends however it ends (done, client gone, error); the
+                # cancel is a no-op for a finished submission and frees the slots otherwise.
+                nonlocal ended
+                submission.cancel()
+                if not ended:
+                    ended = True
+                    ctx.inflight -= 1
+
+            async def events():
+                try:
+                    async for payload in ctx.completions.stream(plan, submission):
+                        yield {"data": payload}
+                finally:
+                    end_stream()
+
+            return EventSourceResponse(events(), ping=15, sep="\n", background=BackgroundTask(end_stream))
+        try:
+            return await _respond_unless_disconnected(request, ctx, plan, submission)
+        finally:
+            ctx.inflight -= 1
+
+    @app.get("/v1/models", dependencies=[Depends(require_api_key)])
+    async def list_models() -> ModelList:
+        return ModelList(data=[_model_card(ctx)])
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(require_api_key)])
+    async def get_model(model_id: str) -> ModelCard:
+        require_model(model_id)
+        return _model_card(ctx)
+
+    @app.post("/tokenize", dependencies=[Depends(require_api_key)])
+    async def tokenize(request: Request) -> TokenizeResponse:
+        req = _parse(TokenizeRequest, await read_json(request, settings.max_body_bytes))
+        require_model(req.model)
+        tokens = ctx.tokenizer.encode(req.prompt, allowed_special={"<|endoftext|>"})
+        return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=ctx.max_len)
+
+    @app.post("/detokenize", dependencies=[Depends(require_api_key)])
+    async def detokenize(request: Request) -> DetokenizeResponse:
+        req = _parse(DetokenizeRequest, await read_json(request, settings.max_body_bytes))
+        require_model(req.model)
+        bad = [t for t in req.tokens if not 0 <= t < ctx.vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is out of range 0..{ctx.vocab_size - 1}", param="tokens", code="invalid_value")
+        return DetokenizeResponse(prompt=ctx.tokenizer.decode(req.tokens))
+
+    @app.get("/health")
+    async def health():
+        engine = ctx.engine
+        status = "draining" if ctx.draining else "ok" if engine.ready else engine.state
+        body = {
+            "status": status,
+            "model": settings.served_model_name,
+            "running": engine.active_count,
+            "waiting": engine.waiting_count,
+            "slots_total": engine.max_batch,
+            "slots_free": engine.max_batch - engine.active_count,
+        }
+        if engine.failure:
+            body["error"] = engine.failure
+        if status != "ok":
+            return JSONResponse(body, status_code=503, headers={"Retry-After": RETRY_AFTER_SECONDS})
+        return body
+
+    @app.get("/metrics")
+    async def metrics():
+        data, content_type = ctx.metrics.render()
+        return Response(data, media_type=content_type)
+
+    return app
+
+
+# --- request bodies ------------------------------------------------------------------------------
+async def read_json(request: Request, limit: int):
+    """The body as JSON, with a 4xx in OpenAI's shape for every way it can be wrong."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise APIError(400, f"Content-Type must be application/json, got {content_type or 'none'!r}.", code="invalid_content_type")
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise APIError(400, "Invalid Content-Length header.", code="invalid_request")
+        if int(declared) > limit:
+            raise APIError(413, f"Request body of {declared} bytes exceeds the limit of {limit} bytes.", code="request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise APIError(413, f"Request body exceeds the limit of {limit} bytes.", code="request_too_large")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise APIError(400, f"Request body is not valid UTF-8 (byte {exc.start}).", code="invalid_encoding") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise APIError(400, f"Request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}.", code="invalid_json") from None
+
+
+def _parse(model: type[BaseModel], data):
+    if not isinstance(data, dict):
+        raise APIError(400, "Request body must be a JSON object.", code="invalid_request")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+def _validation_error(exc: ValidationError) -> APIError:
+    """The first problem as a 400 naming its parameter, worded like OpenAI's."""
+    err = exc.errors(include_url=False)[0]
+    loc = [str(part) for part in err["loc"]]
+    param = loc[0] if loc else None
+    if err["type"] == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {'.'.join(loc)}", param=param, code="unknown_parameter")
+    if err["type"] == "missing":
+        return APIError(400, f"Missing required parameter: '{'.'.join(loc)}'.", param=param, code="missing_required_parameter")
+    message = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    shown = json.dumps(value)[:80] if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__
+    return APIError(400, f"Invalid value for '{'.'.join(loc)}': {message} (got {shown}).", param=param, code="invalid_value")
+
+
+# --- non-streaming responses ---------------------------------------------------------------------
+async def _respond_unless_disconnected(request: Request, ctx: ServerContext, plan, submission):
+    """Wait for the completion, but cancel it (freeing its slots) if the client hangs up first."""
+    work = asyncio.ensure_future(ctx.completions.respond(plan, submission))
+    hangup = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({work, hangup}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not work.done():
+            submission.cancel()
+            work.cancel()
+        hangup.cancel()
+    if not work.done() or work.cancelled():
+        return Response(status_code=499)  # nobody is listening; uvicorn discards it
+    return work.result()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # Once the body is read, uvicorn's receive() blocks until the client disconnects.
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _model_card(ctx: ServerContext) -> ModelCard:
+    return ModelCard(id=ctx.settings.served_model_name, created=ctx.created, max_model_len=ctx.max_len)
+
+
+def _unavailable(message: str, code: str = "service_unavailable") -> APIError:
+    return APIError(503, message, type="server_error", code=code, headers={"Retry-After": RETRY_AFTER_SECONDS})
+
+
+# --- errors ----------------------------------------------------------------------------------------
+def _install_error_handlers(app: FastAPI, ctx: ServerContext) -> None:
+    def render(error: APIError) -> JSONResponse:
+        ctx.metrics.count_error(error.status, error.body.error.code)
+        return JSONResponse(error.body.model_dump(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return render(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def request_validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        return render(APIError(400, f"Invalid request: {first.get('msg', 'bad input')}", param=".".join(loc) or None, code="invalid_value"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return render(APIError(exc.status_code, str(exc.detail), code=code, headers=dict(exc.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return render(APIError(500, "The server had an error while processing your request.", type="server_error", code="internal_error"))

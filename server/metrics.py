@@ -1,0 +1,86 @@
+"""Prometheus metrics of the server, all named `nanogpt_mlx_*`, in one registry per server.
+
+The engine observes the latency and token metrics as it produces tokens (on its own thread:
+prometheus-client's metrics are thread-safe and cost ~1 µs an observation); the HTTP layer
+counts errors. Every bucket bound lives in `BUCKETS` below, sized for this model on a CPU:
+a decode step of a full batch takes tens of milliseconds, so inter-token latencies are
+milliseconds, first tokens and queueing tens to hundreds of milliseconds, and whole requests
+seconds. Each "request" histogram is observed once per generated sequence (a request with
+`n` = 2 or two prompts is two sequences).
+
+A private `CollectorRegistry` (not prometheus-client's global one) lets several servers live in
+one process, as the tests do; it still carries the process and Python platform collectors.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+PREFIX = "nanogpt_mlx"
+
+BUCKETS: dict[str, tuple[float, ...]] = {
+    # Time to first token: queueing + prefill + one sampling; ~10 ms alone, up to seconds under load.
+    "ttft": (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0),
+    # Between two tokens of one sequence: one engine step (decode of the batch + any prefill chunk).
+    "itl": (0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0),
+    # Whole requests and their decode phase: 16-512 tokens at 5-150 ms each.
+    "request": (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0),
+    # Waiting for a KV-cache slot: zero when the server keeps up.
+    "queue": (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    # Prefill of one prompt (up to 512 tokens, in chunks interleaved with decode steps).
+    "prefill": (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    # Sequences advanced by one decode step (the batch size; --max-batch defaults to 32).
+    "batch": (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256),
+}
+
+
+class ServerMetrics:
+    def __init__(self, kv_cache_slots: int, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+
+        def histogram(name: str, doc: str, buckets: str, labels: tuple[str, ...] = ()) -> Histogram:
+            return Histogram(f"{PREFIX}_{name}", doc, labels, registry=r, buckets=BUCKETS[buckets])
+
+        self.time_to_first_token = histogram("time_to_first_token_seconds", "From arrival to the first generated token.", "ttft")
+        self.inter_token_latency = histogram("inter_token_latency_seconds", "Between consecutive tokens of one sequence.", "itl")
+        self.request_latency = histogram("request_duration_seconds", "From arrival to the last token (end to end).", "request")
+        self.queue_time = histogram("queue_time_seconds", "From arrival until a KV-cache slot was assigned.", "queue")
+        self.prefill_time = histogram("prefill_time_seconds", "From slot assignment to the first token (prompt processing).", "prefill")
+        self.decode_time = histogram("decode_time_seconds", "From the first token to the last.", "request")
+        self.batch_size = histogram("decode_batch_size", "Sequences advanced by one decode step.", "batch")
+
+        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens prefilled.", registry=r)
+        self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Tokens generated.", registry=r)
+        self.finished = Counter(
+            f"{PREFIX}_requests_finished", "Sequences finished, by finish_reason (stop, length, abort, error).", ["finish_reason"], registry=r
+        )
+        self.errors = Counter(f"{PREFIX}_http_errors", "Error responses, by HTTP status and OpenAI error code.", ["status", "code"], registry=r)
+
+        self.running = Gauge(f"{PREFIX}_requests_running", "Sequences holding a KV-cache slot (prefilling or decoding).", registry=r)
+        self.waiting = Gauge(f"{PREFIX}_requests_waiting", "Sequences waiting for a KV-cache slot.", registry=r)
+        self.kv_slots_used = Gauge(f"{PREFIX}_kv_cache_slots_used", "KV-cache slots in use.", registry=r)
+        self.kv_slots_total = Gauge(f"{PREFIX}_kv_cache_slots_total", "KV-cache slots (--max-batch).", registry=r)
+        self.kv_slots_total.set(kv_cache_slots)
+        for reason in ("stop", "length", "abort", "error"):
+            self.finished.labels(finish_reason=reason)  # export zeros, so rate() works from the start
+
+    def count_error(self, status: int, code: str | None) -> None:
+        self.errors.labels(status=str(status), code=code or "none").inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

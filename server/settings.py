@@ -1,0 +1,75 @@
+"""Server settings: one pydantic-settings model, read from flags, then `NANOGPT_MLX_*` env vars.
+
+Every field is both a `nanogpt-mlx serve` flag (`max_batch` -> `--max-batch`) and an environment
+variable (`NANOGPT_MLX_MAX_BATCH`); a flag given on the command line wins over the variable, the
+variable over the default. `add_arguments` builds the flags from the fields, so the two can
+never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "NANOGPT_MLX_"
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", protected_namespaces=())
+
+    model: str | None = Field(None, description="checkpoint directory (HF GPT-2 format); without it, the bundled checkpoint")
+    served_model_name: str = Field("nanogpt-mlx", description="the model id clients pass as `model`")
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 exposes the server to the network)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")
+    device: Literal["auto", "cpu", "gpu"] = Field("auto", description="where MLX runs")
+    max_batch: int = Field(32, ge=1, le=1024, description="sequences decoded together (KV-cache slots)")
+    max_queue: int = Field(256, ge=1, description="sequences allowed to wait for a slot; beyond that: 503")
+    prefill_chunk: int = Field(
+        256, ge=1, description="prompt tokens prefilled per engine step, so long prompts never stall decoding for long"
+    )
+    api_key: str | None = Field(None, description="require `Authorization: Bearer KEY` on /v1 and /tokenize routes")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="largest accepted request body (413 beyond)")
+    max_n: int = Field(16, ge=1, description="largest `n` (choices per prompt) a request may ask for")
+    shutdown_timeout: float = Field(
+        30.0, ge=0, description="on SIGTERM, seconds to let in-flight requests finish before ending them"
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log verbosity")
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per settings field; unset flags stay absent so env vars and defaults apply."""
+    for name, info in ServerSettings.model_fields.items():
+        env = ENV_PREFIX + name.upper()
+        kwargs: dict = {"dest": name, "default": argparse.SUPPRESS}
+        annotation = info.annotation
+        choices = getattr(annotation, "__args__", None) if getattr(annotation, "__origin__", None) is Literal else None
+        if choices:
+            kwargs["choices"] = list(choices)
+        elif annotation in (int, float):
+            kwargs["type"] = annotation
+        default = "" if info.default is None else f"default: {info.default}; "
+        kwargs["help"] = f"{info.description} ({default}env {env})"
+        parser.add_argument(flag_name(name), **kwargs)
+
+
+def from_arguments(args: argparse.Namespace) -> ServerSettings:
+    """Settings from parsed flags (only those given) on top of the environment.
+
+    Raises ValueError with one line per bad setting, naming the flag.
+    """
+    given = {name: getattr(args, name) for name in ServerSettings.model_fields if hasattr(args, name)}
+    try:
+        return ServerSettings(**given)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            lines.append(f"{flag_name(field)} / {ENV_PREFIX}{field.upper()}: {err['msg']}")
+        raise ValueError("; ".join(lines)) from None
