@@ -45,7 +45,7 @@ def measure(batch: int, seq_len: int, steps: int, warmup: int, grad_accum: int =
         return loss, norm
 
     step = mx.compile(step, inputs=state, outputs=state)
-    micro_grads = mx.compile(lambda x, y: loss_and_grad(model, x, y), inputs=[model.state], outputs=[])
+    micro_grads = mx.compile(lambda x, y: loss_and_grad(model, x, y), inputs=[model.state], outputs=[model.state])
 
     def apply(grads):
         grads, norm = optim.clip_grad_norm(grads, 1.0)

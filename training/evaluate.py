@@ -94,6 +94,8 @@ def run_eval(model_dir: str, data_dir: str, split: str = "val", batch_size: int 
         shards = TokenShards(data_dir, split)
     except DataError as exc:
         raise TrainingError(str(exc)) from exc
+    except (ValueError, OSError) as exc:  # e.g. numpy cannot memory-map a 0-byte shard file
+        raise TrainingError(f"cannot read the {split} shards of {data_dir}: {exc}") from exc
     vocab = shards.manifest["tokenizer"].get("vocab_size", 0)
     if vocab > model.config.vocab_size:
         raise TrainingError(f"{data_dir} was tokenized with {vocab} token ids; the model knows only {model.config.vocab_size}")

@@ -147,6 +147,8 @@ class Trainer:
             self.train_shards = TokenShards(self.data_dir, "train")
         except DataError as exc:
             raise TrainingError(str(exc)) from exc
+        except (ValueError, OSError) as exc:  # e.g. numpy cannot memory-map a 0-byte shard file
+            raise TrainingError(f"cannot read the train shards of {self.data_dir}: {exc}") from exc
         if len(self.train_shards) == 0:
             raise TrainingError(f"the train split of {self.data_dir} is empty (0 tokens): nothing to train on")
         longest = max(seq for _, seq, _ in self.recipe.phases())
@@ -161,7 +163,7 @@ class Trainer:
             self.val_shards = TokenShards(self.data_dir, "val")
             if len(self.val_shards) <= self.recipe.phases()[-1][1]:
                 raise DataError("too small")
-        except DataError:
+        except (DataError, ValueError, OSError):
             self.val_shards = None
             if self.is_main and self.recipe.data.eval_batches:
                 print(f"warning: {self.data_dir} has no usable validation split: no periodic eval, no best checkpoint", file=sys.stderr)
@@ -214,7 +216,9 @@ class Trainer:
             return loss, apply(grads)
 
         # Accumulation > 1: gradients of each micro-batch (compiled), summed eagerly, then one update.
-        @partial(mx.compile, inputs=[model.state, mx.random.state], outputs=[mx.random.state])
+        # (model.state is an output too: value_and_grad swaps traced arrays into the model while
+        # tracing, and listing it makes compile put the real ones back.)
+        @partial(mx.compile, inputs=[model.state, mx.random.state], outputs=[model.state, mx.random.state])
         def micro_grads(x, y, *extras):
             return loss_and_grad(model, x, y, *extras)
 
@@ -328,7 +332,8 @@ class Trainer:
         os.replace(tmp, path)
 
     # --- the loop -----------------------------------------------------------------------------
-    def fit(self) -> dict:
+    def fit(self, stop_at: int | None = None) -> dict:
+        """Train to train.max_steps (or only to step `stop_at`, saving a checkpoint there)."""
         from tqdm import tqdm
 
         r = self.recipe.train
@@ -377,10 +382,11 @@ class Trainer:
                     val = self._eval_and_keep_best()
                 due_by_time = r.save_interval_minutes > 0 and time.perf_counter() - self._last_save >= 60 * r.save_interval_minutes
                 due_by_steps = r.save_interval_steps > 0 and self.step % r.save_interval_steps == 0
-                if self.is_main and (due_by_time or due_by_steps or self.step == r.max_steps or self._stop_requested):
+                stopping = self._stop_requested or self.step == stop_at
+                if self.is_main and (due_by_time or due_by_steps or self.step == r.max_steps or stopping):
                     self.save()
-                if self._stop_requested:
-                    if self.is_main:
+                if stopping:
+                    if self.is_main and self._stop_requested:
                         print(f"\nstopped by SIGTERM at step {self.step}; checkpoint saved, resume with --resume", file=sys.stderr)
                     break
                 if val is not None:
