@@ -1,0 +1,151 @@
+"""Helpers for the server tests: real uvicorn servers on 127.0.0.1, in a thread or a subprocess.
+
+Both kinds bind a free port, wait until /health says ok, and stop by themselves (bounded
+waits everywhere), so a failing test never leaves a server behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from nanogpt_mlx.server.app import create_app
+from nanogpt_mlx.server.settings import ServerSettings
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(base_url: str, timeout: float = 60.0, alive=lambda: True) -> None:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError("the server process exited before becoming healthy")
+        try:
+            r = httpx.get(base_url + "/health", timeout=2.0)
+            if r.status_code == 200:
+                return
+            last = r.text
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(0.1)
+    raise TimeoutError(f"{base_url} not healthy after {timeout} s: {last}")
+
+
+class ThreadedServer:
+    """`create_app` under uvicorn in a background thread of the test process."""
+
+    def __init__(self, model_dir: Path, **settings):
+        settings.setdefault("log_level", "warning")
+        self.settings = ServerSettings(model=str(model_dir), **settings)
+        self.app = create_app(self.settings, Path(model_dir))
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((HOST, 0))
+        self.port = self.sock.getsockname()[1]
+        self.base_url = f"http://{HOST}:{self.port}"
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", backlog=2048, timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def ctx(self):
+        return self.app.state.ctx
+
+    def __enter__(self) -> "ThreadedServer":
+        self.thread.start()
+        wait_healthy(self.base_url, alive=self.thread.is_alive)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+
+class ServeProcess:
+    """`nanogpt-mlx serve` as a real subprocess (the installed console script)."""
+
+    def __init__(self, command: list[str], args: list[str], env: dict[str, str] | None = None, log_path: Path | None = None):
+        self.port = free_port()
+        self.base_url = f"http://{HOST}:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "w") if log_path else subprocess.DEVNULL
+        full_env = dict(os.environ if env is None else env)
+        self.proc = subprocess.Popen(
+            [*command, "serve", "--host", HOST, "--port", str(self.port), *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=full_env,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path else ""
+
+    def __enter__(self) -> "ServeProcess":
+        try:
+            wait_healthy(self.base_url, timeout=90, alive=lambda: self.proc.poll() is None)
+        except BaseException:
+            self.stop()
+            raise RuntimeError(f"server did not start:\n{self.log()}")
+        return self
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def sse_payloads(lines) -> list[str]:
+    """The `data:` payloads of a server-sent event stream, in order ([DONE] included)."""
+    return [line[len("data:") :].strip() for line in lines if line.startswith("data:")]
+
+
+def stream_chunks(client: httpx.Client, body: dict) -> tuple[list[dict], bool]:
+    """POST a streaming completion; return (the JSON chunks, whether [DONE] ended the stream)."""
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        payloads = sse_payloads(r.iter_lines())
+    done = bool(payloads) and payloads[-1] == "[DONE]"
+    return [json.loads(p) for p in payloads if p != "[DONE]"], done
+
+
+def metric_value(text: str, name: str, labels: str = "") -> float:
+    """One sample of a Prometheus text exposition (0 if absent)."""
+    key = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(key + " "):
+            return float(line.split()[-1])
+    return 0.0

@@ -1,0 +1,288 @@
+"""The continuous-batching engine on its own (no HTTP): batching never changes a sequence's
+output, chunked prefill, stop strings, prompt logprobs, cancellation, queue bounds, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from nanogpt_mlx.model.checkpoint import load_model
+from nanogpt_mlx.model.generate import generate_tokens
+from nanogpt_mlx.model.runner import ModelRunner
+from nanogpt_mlx.model.sampling import SamplingParams, log_softmax
+from nanogpt_mlx.model.tokenizer import EOT_ID, get_tokenizer
+from nanogpt_mlx.server.engine import Engine, QueueFullError, SequenceRequest
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def make_engine(checkpoint, runner_wrapper=None, **kw) -> Engine:
+    config_len = load_model(checkpoint).config.block_size
+
+    def factory(rows: int):
+        runner = ModelRunner(load_model(checkpoint), rows)
+        return runner_wrapper(runner) if runner_wrapper else runner
+
+    kw.setdefault("max_batch", 8)
+    kw.setdefault("max_queue", 64)
+    engine = Engine(factory, get_tokenizer(checkpoint), max_len=config_len, **kw)
+    engine.start()
+    deadline = time.monotonic() + 60
+    while not engine.ready:
+        assert engine.state != "failed", engine.failure
+        assert time.monotonic() < deadline, "engine did not become ready"
+        time.sleep(0.02)
+    return engine
+
+
+async def collect(submission) -> list[dict]:
+    """Every sequence's whole result: text, tokens, logprobs, finish_reason, counts."""
+    results = [dict(text="", tokens=[], logprobs=[], prompt_logprobs=None, finish=None, completion_tokens=0) for _ in submission.sequences]
+    async for index, out in submission:
+        r = results[index]
+        r["text"] += out.text
+        r["tokens"] += out.token_ids
+        r["logprobs"] += out.logprobs or []
+        if out.prompt_logprobs is not None:
+            r["prompt_logprobs"] = out.prompt_logprobs
+        if out.finish_reason:
+            r["finish"] = out.finish_reason
+            r["completion_tokens"] = out.completion_tokens
+    return results
+
+
+def run(engine: Engine, requests: list[SequenceRequest]) -> list[dict]:
+    async def go():
+        return await collect(engine.submit(requests))
+
+    return asyncio.run(go())
+
+
+def greedy(prompt, max_tokens, **kw) -> SequenceRequest:
+    return SequenceRequest(prompt=list(prompt), max_tokens=max_tokens, params=SamplingParams(temperature=0.0), **kw)
+
+
+def reference_greedy(model, prompt, max_tokens) -> list[int]:
+    return list(generate_tokens(model, list(prompt), max_tokens, SamplingParams(temperature=0.0), stop_tokens=frozenset({EOT_ID})))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(7)
+    return [[int(t) for t in rng.integers(0, 50000, size=int(n))] for n in rng.integers(1, 60, size=20)]
+
+
+def test_batched_greedy_equals_the_reference_loop_alone_and_in_a_full_batch(tiny_checkpoint, prompts):
+    """20 sequences of different lengths through 4 slots, prefilled 7 tokens a step: every
+    one equals `generate_tokens` alone. Rows join, leave and move while others decode."""
+    model = load_model(tiny_checkpoint)
+    lengths = [5 + (i * 7) % 40 for i in range(len(prompts))]
+    expected = [reference_greedy(model, p, n) for p, n in zip(prompts, lengths)]
+    moves = []
+
+    def count_moves(runner):
+        original = runner.move_row
+        runner.move_row = lambda src, dst: (moves.append((src, dst)), original(src, dst))
+        return runner
+
+    engine = make_engine(tiny_checkpoint, runner_wrapper=count_moves, max_batch=4, prefill_chunk=7)
+    try:
+        alone = run(engine, [greedy(prompts[3], lengths[3])])
+        assert alone[0]["tokens"] == expected[3]
+
+        async def staggered():
+            tasks = []
+            for p, n in zip(prompts, lengths):
+                tasks.append(asyncio.ensure_future(collect(engine.submit([greedy(p, n)]))))
+                await asyncio.sleep(0.003)  # arrivals while others prefill and decode
+            return [(await t)[0] for t in tasks]
+
+        together = asyncio.run(staggered())
+    finally:
+        engine.shutdown()
+    for got, want in zip(together, expected):
+        assert got["tokens"] == want
+        assert got["completion_tokens"] == len(want)
+        assert got["finish"] == ("stop" if want[-1] == EOT_ID else "length")
+    assert engine.active_count == 0 and engine.waiting_count == 0
+    assert len(moves) > 5  # rows really moved under the running sequences
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(tiny_checkpoint, prompts):
+    engine = make_engine(tiny_checkpoint, max_batch=8)
+
+    def sampled(seed, **params):
+        params.setdefault("temperature", 1.0)
+        return SequenceRequest(prompt=prompts[0], max_tokens=20, params=SamplingParams(seed=seed, **params))
+
+    try:
+        alone = run(engine, [sampled(42, top_p=0.9, top_k=50, presence_penalty=0.5, frequency_penalty=0.5)])
+        crowd = [greedy(p, 20) for p in prompts[1:6]] + [sampled(7, temperature=0.7)]
+        batch = run(engine, crowd + [sampled(42, top_p=0.9, top_k=50, presence_penalty=0.5, frequency_penalty=0.5)])
+        other_seed = run(engine, [sampled(43)])
+    finally:
+        engine.shutdown()
+    assert batch[-1]["tokens"] == alone[0]["tokens"]
+    assert other_seed[0]["tokens"] != alone[0]["tokens"]
+
+
+def test_chunked_prefill_gives_the_same_tokens_as_one_chunk(tiny_checkpoint, prompts):
+    long_prompt = [t for p in prompts[:6] for t in p][:100]
+    results = []
+    for chunk in (256, 9):
+        engine = make_engine(tiny_checkpoint, prefill_chunk=chunk)
+        try:
+            results.append(run(engine, [greedy(long_prompt, 20)])[0]["tokens"])
+        finally:
+            engine.shutdown()
+    assert results[0] == results[1]
+
+
+def test_stop_string_cuts_the_text_and_ends_the_sequence(tiny_checkpoint):
+    tokenizer = get_tokenizer(tiny_checkpoint)
+    prompt = tokenizer.encode("The quick brown fox")
+    engine = make_engine(tiny_checkpoint)
+    try:
+        free = run(engine, [greedy(prompt, 40, ignore_eos=True)])[0]
+        text = free["text"]
+        assert len(text) > 20
+        stop = text[10:13]
+        cut = text.index(stop)
+        stopped = run(engine, [greedy(prompt, 40, ignore_eos=True, stop=["never-there", stop])])[0]
+    finally:
+        engine.shutdown()
+    assert stopped["text"] == text[:cut]
+    assert stopped["finish"] == "stop"
+    assert stopped["completion_tokens"] < 40
+    assert stopped["tokens"] == free["tokens"][: len(stopped["tokens"])]
+
+
+def test_prompt_logprobs_match_a_full_forward_pass(tiny_checkpoint, prompts):
+    prompt = prompts[5][:40]
+    model = load_model(tiny_checkpoint)
+    logits = np.array(model(mx.array([prompt]))[0], dtype=np.float32)
+    want = log_softmax(logits)
+    engine = make_engine(tiny_checkpoint, prefill_chunk=16)  # prompt logprobs across chunk borders
+    try:
+        result = run(engine, [SequenceRequest(prompt=prompt, max_tokens=0, params=SamplingParams(temperature=0.0, logprobs=3), prompt_logprobs=3)])[0]
+    finally:
+        engine.shutdown()
+    got = result["prompt_logprobs"]
+    assert [e.token for e in got] == prompt
+    assert got[0].logprob is None and got[0].top == []
+    for i in range(1, len(prompt)):
+        assert got[i].logprob == pytest.approx(float(want[i - 1, prompt[i]]), abs=1e-4)
+        best = [t for t, _ in got[i].top]
+        assert best == list(np.argsort(-want[i - 1])[:3])
+    assert result["finish"] == "length" and result["completion_tokens"] == 0 and result["tokens"] == []
+
+
+def test_generated_logprobs_are_the_models_distribution(tiny_checkpoint, prompts):
+    engine = make_engine(tiny_checkpoint)
+    try:
+        result = run(engine, [SequenceRequest(prompt=prompts[2], max_tokens=5, params=SamplingParams(temperature=0.0, logprobs=2))])[0]
+    finally:
+        engine.shutdown()
+    assert [e.token for e in result["logprobs"]] == result["tokens"]
+    for e in result["logprobs"]:
+        assert e.top[0][0] == e.token  # greedy picks the most likely token
+        assert e.logprob == pytest.approx(e.top[0][1])
+        assert e.top[0][1] >= e.top[1][1]
+
+
+def test_cancel_frees_the_slot_at_the_next_step(full_checkpoint):
+    engine = make_engine(full_checkpoint, max_batch=2)
+    try:
+
+        async def go():
+            submission = engine.submit([greedy([464, 2068], 400, ignore_eos=True)])
+            outputs = aiter(submission)
+            first = await anext(outputs)
+            assert first[1].token_ids  # it is decoding
+            assert engine.active_count == 1
+            cancelled_at = time.monotonic()
+            submission.cancel()
+            rest = [out async for _, out in outputs]
+            return rest, time.monotonic() - cancelled_at
+
+        rest, elapsed = asyncio.run(go())
+        assert rest[-1].finish_reason == "abort"
+        assert sum(len(o.token_ids) for o in rest) <= 3  # at most the step in flight
+        assert engine.active_count == 0
+        assert elapsed < 2.0
+    finally:
+        engine.shutdown()
+
+
+def test_a_full_queue_refuses_at_once(tiny_checkpoint):
+    engine = make_engine(tiny_checkpoint, max_batch=1, max_queue=2)
+    try:
+
+        async def go():
+            # 1 slot + 2 waiting places: 3 sequences fit, a 4th does not.
+            first = engine.submit([greedy([1, 2, 3], 100, ignore_eos=True) for _ in range(3)])
+            with pytest.raises(QueueFullError):
+                engine.submit([greedy([1, 2], 5)])
+            first.cancel()
+            results = await collect(first)
+            return results
+
+        results = asyncio.run(go())
+        assert all(r["finish"] in ("abort", "length") for r in results)
+    finally:
+        engine.shutdown()
+
+
+class FlakyRunner:
+    """Wraps a runner and raises on one decode call, like a failing device would."""
+
+    def __init__(self, runner, fail_on_call: int):
+        self.runner = runner
+        self.calls = 0
+        self.fail_on_call = fail_on_call
+
+    def prefill(self, *a, **kw):
+        return self.runner.prefill(*a, **kw)
+
+    def move_row(self, *a):
+        return self.runner.move_row(*a)
+
+    def decode(self, tokens, positions):
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise RuntimeError("simulated device failure")
+        return self.runner.decode(tokens, positions)
+
+
+def test_a_failing_step_ends_its_sequences_with_an_error_and_the_engine_keeps_serving(tiny_checkpoint, prompts):
+    engine = make_engine(tiny_checkpoint, runner_wrapper=lambda r: FlakyRunner(r, fail_on_call=4))  # call 1 is the warm-up
+    try:
+        failed = run(engine, [greedy(prompts[0], 10), greedy(prompts[1], 10)])
+        after = run(engine, [greedy(prompts[0], 10)])
+    finally:
+        engine.shutdown()
+    assert [r["finish"] for r in failed] == ["error", "error"]
+    assert after[0]["finish"] in ("length", "stop") and after[0]["completion_tokens"] >= 1
+    assert engine.state == "stopped"
+
+
+def test_shutdown_ends_running_sequences_with_abort(tiny_checkpoint):
+    engine = make_engine(tiny_checkpoint, max_batch=2)
+
+    async def go():
+        submission = engine.submit([greedy([1, 2, 3], 120, ignore_eos=True) for _ in range(4)])
+        await asyncio.sleep(0.05)
+        assert await engine.drain(timeout=0.0) is False
+        return await collect(submission)
+
+    try:
+        results = asyncio.run(go())
+    finally:
+        engine.shutdown()
+    assert {r["finish"] for r in results} <= {"abort", "length"}
+    assert "abort" in {r["finish"] for r in results}
+    assert engine.idle
