@@ -60,8 +60,9 @@ class Evaluator:
         start = time.perf_counter()
         try:
             iterator = batches if max_batches is None else islice(batches, max_batches)
-            for i, (x, y) in enumerate(iterator):
-                if i % self.world != self.rank:
+            for x, y in iterator:
+                x, y = x[self.rank :: self.world], y[self.rank :: self.world]
+                if len(x) == 0:
                     continue
                 total = total + self._loss_sum(mx.array(x), mx.array(y))
                 count += y.size

@@ -292,7 +292,8 @@ class Trainer:
         if self.val_shards is None or not self.recipe.data.eval_batches:
             return None
         seq_len = self.recipe.phases()[-1][1]  # always the final (longest) context: comparable numbers
-        batches = sequential_batches(self.val_shards, self.recipe.phases()[-1][2], seq_len)
+        # Global batches (batch_size x processes rows; the evaluator splits rows across processes).
+        batches = sequential_batches(self.val_shards, self.recipe.phases()[-1][2] * self.world, seq_len)
         return self.evaluator(batches, max_batches=self.recipe.data.eval_batches)
 
     def _state(self, val_loss=None) -> dict:
