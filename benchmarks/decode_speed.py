@@ -148,14 +148,18 @@ def run_worker(no_blas: bool, worker_args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def runs_text(n: int) -> str:
+    return "1 run" if n == 1 else f"median of {n}"
+
+
 def fmt_decode(r: dict) -> str:
     d = r["decode"]
-    return f"{d['median']:.1f} tok/s  ({PROMPT_TOKENS}+{d['tokens']}, median of {d['runs']})"
+    return f"{d['median']:.1f} tok/s  ({PROMPT_TOKENS}+{d['tokens']}, {runs_text(d['runs'])})"
 
 
 def fmt_prefill(r: dict) -> str:
     p = r.get("prefill")
-    return f"{p['tok_s']:.0f} tok/s  ({p['median_s'] * 1e3:.0f} ms, median of {p['runs']})" if p else "skipped"
+    return f"{p['tok_s']:.0f} tok/s  ({p['median_s'] * 1e3:.0f} ms, {runs_text(p['runs'])})" if p else "skipped"
 
 
 def fmt_forward(r: dict) -> tuple[str, str]:
@@ -213,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         print(" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     if stock:
         print()
-        print(f"The stock path decodes {args.stock_tokens} tokens (median of {args.stock_runs} runs), not {args.tokens}, because it is slow;"
+        print(f"The stock path decodes {args.stock_tokens} tokens ({runs_text(args.stock_runs)}), not {args.tokens}, because it is slow;"
               " its prefill and forward figures come from one pass each."
               + ("" if args.stock_forward else " Its 8x512 forward is skipped (--stock-forward runs one pass)."))
     if args.json:
