@@ -1,0 +1,188 @@
+"""Distillation: the loss, a local checkpoint teacher, and an OpenAI-compatible HTTP teacher
+(a fake /v1/completions server on 127.0.0.1 started here, with a known distribution)."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from nanogpt_mlx.model.checkpoint import load_model, save_checkpoint
+from nanogpt_mlx.model.config import ModelConfig
+from nanogpt_mlx.model.gpt import GPT
+from nanogpt_mlx.model.tokenizer import get_tokenizer
+from nanogpt_mlx.training.distill import HTTPTeacher, run_distill
+from nanogpt_mlx.training.losses import cross_entropy, distill_kl_full, distill_kl_topk, distillation_loss
+from nanogpt_mlx.training.recipe import Recipe, TrainingError
+from test_train import TINY_MODEL, write_recipe, write_shards
+
+ENC = get_tokenizer()
+TOP_K = 5
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("data"))
+
+
+# --- the loss --------------------------------------------------------------------------------
+def test_distillation_loss_pieces():
+    rng = np.random.default_rng(0)
+    v = 50
+    student = mx.array(rng.standard_normal((2, 3, v)).astype(np.float32))
+    teacher = mx.array((2 * rng.standard_normal((2, 3, v))).astype(np.float32))
+    targets = mx.array(rng.integers(0, v, (2, 3)))
+    ce = cross_entropy(student, targets)
+    kl = distill_kl_full(student, teacher, 2.0)
+    assert distillation_loss(ce, kl, 1.0, 2.0).item() == pytest.approx(ce.item())
+    assert distillation_loss(ce, kl, 0.7, 2.0).item() == pytest.approx(0.7 * ce.item() + 0.3 * 4.0 * kl.item(), rel=1e-6)
+    assert distill_kl_full(teacher, teacher, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert kl.item() > 0.01
+    # top-k KL with k = the whole vocabulary is the full KL
+    log_p = teacher - mx.logsumexp(teacher, axis=-1, keepdims=True)
+    order = mx.argsort(-log_p, axis=-1)
+    topk = distill_kl_topk(student, order, mx.take_along_axis(log_p, order, axis=-1), 2.0)
+    assert topk.item() == pytest.approx(kl.item(), rel=1e-5)
+    # positions the teacher did not answer (-inf everywhere) contribute nothing
+    empty = mx.full((2, 3, 4), -mx.inf)
+    assert distill_kl_topk(student, mx.zeros((2, 3, 4), dtype=mx.int32), empty, 2.0).item() == 0.0
+
+
+# --- a local checkpoint teacher --------------------------------------------------------------------
+def kl_to_teacher(student: GPT, teacher: GPT, x: mx.array) -> float:
+    return distill_kl_full(student(x), teacher(x), 1.0).item()
+
+
+def test_local_teacher_pulls_the_student_toward_it(shards, tmp_path, random_model):
+    teacher = random_model(ModelConfig(**TINY_MODEL), seed=5, std=0.3)  # a peaked, distinctive distribution
+    teacher_dir = save_checkpoint(teacher, tmp_path / "teacher")
+    recipe = Recipe.from_dict({
+        "model": dict(TINY_MODEL),
+        "data": {"train": str(shards), "seq_len": 32, "batch_size": 4, "eval_batches": 1},
+        "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 1},
+        "train": {"max_steps": 12, "eval_interval": 0, "save_interval_steps": 12},
+        "distill": {"teacher": str(teacher_dir), "alpha": 0.0, "temperature": 1.0},
+    })
+    x = mx.array(np.random.default_rng(3).integers(0, 1000, (4, 32)))
+    fresh = GPT(ModelConfig(**TINY_MODEL))
+    fresh.init_weights(seed=recipe.train.seed)  # what the student starts from
+    before = kl_to_teacher(fresh, teacher, x)
+    run_distill(recipe, str(tmp_path / "run"), progress=False)
+    student = load_model(tmp_path / "run" / "checkpoints" / "step_00000012")
+    after = kl_to_teacher(student, teacher, x)
+    assert after < 0.7 * before, (before, after)
+
+
+# --- an HTTP teacher ---------------------------------------------------------------------------------
+def token_text(i: int) -> str:
+    raw = ENC.decode_single_token_bytes(i)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def fake_distribution(prev: int) -> dict[str, float]:
+    """The fake teacher: after token t it predicts t+1 (p 0.6), then t+2, t+3, ... (keys are
+    token strings, as OpenAI's API returns them). Never a duplicate string among the k."""
+    out, probs = {}, [0.6, 0.2, 0.1, 0.05, 0.03]
+    nxt = prev + 1
+    for p in probs:
+        while token_text(nxt % 50000) in out or ENC.encode_ordinary(token_text(nxt % 50000)) != [nxt % 50000]:
+            nxt += 1  # skip tokens whose text is ambiguous so the check below is exact
+        out[token_text(nxt % 50000)] = math.log(p)
+        nxt += 1
+    return out
+
+
+class FakeTeacher(BaseHTTPRequestHandler):
+    requests: list[dict] = []
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeTeacher.requests.append({"path": self.path, **body})
+        tokens = body["prompt"]
+        top = [None] + [fake_distribution(t)for t in tokens[:-1]]
+        answer = {
+            "object": "text_completion",
+            "choices": [{"index": 0, "text": "", "finish_reason": "length",
+                         "logprobs": {"tokens": [token_text(t) for t in tokens], "token_logprobs": [None] + [-1.0] * (len(tokens) - 1),
+                                      "top_logprobs": top, "text_offset": list(range(len(tokens)))}}],
+        }
+        data = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def fake_server():
+    FakeTeacher.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeTeacher)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def expected_ids(prev: int) -> list[int]:
+    return [ENC.encode_ordinary(text)[0] for text in fake_distribution(prev)]
+
+
+def test_http_teacher_aligns_positions_and_caches(fake_server, tmp_path):
+    teacher = HTTPTeacher(fake_server, model="fake", top_k=TOP_K, cache_dir=tmp_path / "cache", timeout=10)
+    rng = np.random.default_rng(0)
+    window = rng.integers(0, 40000, (3, 9)).astype(np.int32)
+    x, y = window[:, :-1], window[:, 1:]
+    ids, logprobs = teacher.targets(x, y)
+    ids, logprobs = np.array(ids), np.array(logprobs)
+    assert ids.shape == (3, 8, TOP_K) and logprobs.shape == (3, 8, TOP_K)
+    for b in range(3):
+        for t in range(8):
+            # position t predicts y[t] = window[t + 1] from x[..t]: the teacher's answer after x[t]
+            assert list(ids[b, t]) == expected_ids(int(x[b, t])), (b, t)
+    np.testing.assert_allclose(logprobs[0, 0], np.log([0.6, 0.2, 0.1, 0.05, 0.03]), rtol=1e-6)
+    sent = FakeTeacher.requests
+    assert len(sent) == 3 and teacher.requests == 3
+    assert all(r["echo"] is True and r["max_tokens"] == 0 and r["logprobs"] == TOP_K and r["model"] == "fake" for r in sent)
+    assert sorted(r["prompt"] for r in sent) == sorted(row.tolist() for row in window)
+    assert all(r["path"] == "/v1/completions" for r in sent)
+
+    again = HTTPTeacher(fake_server, model="fake", top_k=TOP_K, cache_dir=tmp_path / "cache", timeout=10)
+    ids2, _ = again.targets(x, y)
+    assert again.requests == 0 and len(FakeTeacher.requests) == 3  # all from the disk cache
+    np.testing.assert_array_equal(np.array(ids2), ids)
+
+
+def test_http_teacher_unreachable_is_a_clear_error(tmp_path):
+    teacher = HTTPTeacher("http://127.0.0.1:9", top_k=3, timeout=2, retries=1)
+    with pytest.raises(TrainingError, match="unreachable"):
+        teacher.targets(np.zeros((1, 4), np.int32), np.zeros((1, 4), np.int32))
+
+
+def test_cli_distill_from_http_teacher(fake_server, shards, tmp_path, run_cli):
+    recipe = write_recipe(tmp_path, train={"max_steps": 3, "save_interval_steps": 3, "eval_interval": 3})
+    run = tmp_path / "run"
+    proc = run_cli("distill", "--config", recipe, "--data", shards, "--out", run, "--teacher", fake_server,
+                   "--teacher-model", "fake", "--top-k", str(TOP_K), "--no-progress", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert len(FakeTeacher.requests) == 3 * 4  # 3 steps x 4 rows, one window each
+    assert (run / "checkpoints" / "step_00000003" / "model.safetensors").is_file()
+    assert any((run / "teacher_cache").rglob("*.npz"))
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 3 and math.isfinite(summary["loss"])
+
+    proc = run_cli("distill", "--config", recipe, "--data", shards, "--out", tmp_path / "run2", "--teacher", tmp_path / "nope", timeout=120)
+    assert proc.returncode == 2 and "teacher not found" in proc.stderr and "Traceback" not in proc.stderr
