@@ -16,6 +16,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from nanogpt_mlx.model import fast_ops
 from nanogpt_mlx.model.config import ModelConfig
 
 
@@ -93,7 +94,7 @@ class CausalSelfAttention(nn.Module):
     def _attend(self, q, k, v, mask):
         scores = (q * self.scale) @ k.transpose(0, 1, 3, 2)
         scores = scores + mask
-        weights = mx.softmax(scores, axis=-1, precise=True)
+        weights = fast_ops.softmax(scores)
         if self.dropout is not None:
             weights = self.dropout(weights)
         return weights @ v
@@ -107,7 +108,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
 
     def __call__(self, x: mx.array) -> mx.array:
-        x = self.c_proj(nn.gelu(self.c_fc(x)))  # nn.gelu is the exact erf form
+        x = self.c_proj(fast_ops.gelu(self.c_fc(x)))  # exact erf GELU
         if self.dropout is not None:
             x = self.dropout(x)
         return x
@@ -183,6 +184,10 @@ class GPT(nn.Module):
         for block in self.h:
             x, _ = block(x)
         return self.logits(self.ln_f(x))
+
+    def loss(self, inputs: mx.array, targets: mx.array) -> mx.array:
+        """Mean next-token cross-entropy of (B, T) inputs against (B, T) targets."""
+        return fast_ops.cross_entropy(self(inputs), targets)
 
     def forward_cached(
         self,
