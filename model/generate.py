@@ -45,7 +45,7 @@ def generate_tokens(
     for begin in range(0, len(prompt), prefill_chunk):
         chunk = prompt[begin : begin + prefill_chunk]
         hidden = model.forward_cached(
-            mx.array([chunk]), mx.array([begin]), cache, context_for(begin + len(chunk), block)
+            mx.array(np.asarray([chunk], dtype=np.int32)), mx.array([begin]), cache, context_for(begin + len(chunk), block)
         )
     length = len(prompt)
     for _ in range(max_tokens):
