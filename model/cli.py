@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,16 +12,22 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "d
 
 
 def resolve_model_dir(model: str | None) -> Path:
-    """`--model`, else the bundled default checkpoint (present in a source checkout)."""
+    """`--model`, else $NANOGPT_MLX_MODEL, else the bundled default checkpoint.
+
+    The bundled checkpoint lives in the source tree (checkpoints/default, ~101 MB), so it is
+    found by editable installs (`pip install -e .`, the README's way); a wheel install points
+    NANOGPT_MLX_MODEL (or --model) at a checkpoint directory instead.
+    """
     from nanogpt_mlx.cli import UserError
 
+    model = model or os.environ.get("NANOGPT_MLX_MODEL")
     if model:
         return Path(model)
     if (DEFAULT_CHECKPOINT / "model.safetensors").is_file():
         return DEFAULT_CHECKPOINT
     raise UserError(
         "no --model given and the bundled default checkpoint is not here "
-        f"({DEFAULT_CHECKPOINT}). Pass --model DIR with a HF GPT-2 directory, e.g. one written by "
+        f"({DEFAULT_CHECKPOINT}). Pass --model DIR (or set NANOGPT_MLX_MODEL) with a HF GPT-2 directory, e.g. one written by "
         "`nanogpt-mlx train` or `nanogpt-mlx convert --from-npz checkpoint_N.npz --out DIR`."
     )
 
