@@ -37,6 +37,14 @@ class KVCache:
         self.values = [mx.zeros(shape, dtype=dtype) for _ in range(config.n_layer)]
         mx.eval(self.keys, self.values)
 
+    @classmethod
+    def wrap(cls, keys: list[mx.array], values: list[mx.array]) -> "KVCache":
+        """A cache over existing arrays (inside a compiled step, where they arrive as inputs)."""
+        cache = cls.__new__(cls)
+        cache.keys, cache.values = keys, values
+        cache.rows, _, cache.max_len, _ = keys[0].shape
+        return cache
+
     def state(self) -> list[mx.array]:
         return self.keys + self.values
 
