@@ -6,15 +6,22 @@ token per engine step together with every other running sequence:
 
     step:  take cancellations and arrivals   (a cancelled sequence frees its row here)
            prefill up to `prefill_chunk` prompt tokens (FIFO; a long prompt takes several steps)
-           one batched decode of all running rows, then per-row sampling
-           detokenize, match stop strings, finish sequences, compact the rows
-           hand this step's outputs to asyncio in one `loop.call_soon_threadsafe`
+           compact the rows, then one batched decode of all running rows and per-row sampling
+           detokenize, match stop strings, finish sequences
+           hand the outputs to asyncio with one `loop.call_soon_threadsafe` (after the prefill,
+           so first tokens do not wait for the decode, and after the decode)
 
-Row layout (`ModelRunner.decode` advances rows 0..B-1): running sequences always occupy rows
-0..B-1; prefilling ones sit at rows >= B. When a running sequence leaves, the highest running
-row is moved into its hole; when a prefill completes, the sequence is moved to row B (if it
-is not already there). The runner has one spare row beyond `max_batch`, so a free row always
-exists to step aside into when row B is itself taken by an unfinished prefill.
+Row layout: `ModelRunner.decode` advances rows 0..B-1, so at every decode the B running
+sequences occupy exactly rows 0..B-1. Finished sequences leave holes; moving a row costs a
+copy of its whole cache, so holes are first offered to new sequences whose prompt completes
+in this step's prefill (they are prefilled straight into the hole), and only the holes left
+after that are filled by moving the highest running rows down.
+
+Prefill is FIFO and the first prompt that does not fit the step's budget takes the rest of it,
+so at most one unfinished prefill holds a row at a time. It takes the highest free row, and
+the runner has one row more than `max_batch`: together these keep that row at or above B
+(no other sequence can start running while it is unfinished, so B cannot grow past it), and
+compaction never has to move a prefill out of the way.
 
 Every sequence gets exactly one final output (finish_reason stop, length, abort or error),
 whatever happens: cancelled, aborted at shutdown, or the model raised.
@@ -335,46 +342,43 @@ class Engine:
                 admitted.append(self._waiting.popleft())
             self.metrics.waiting.set(len(self._waiting))
 
-        freed = False
         for submission in cancelled:
             for seq in submission.sequences:
                 if seq.state in (PREFILLING, RUNNING):
-                    freed |= seq.state == RUNNING
                     self._release(seq, "abort")
-        if freed:
-            self._compact()
         now = time.monotonic()
         for seq in admitted:
             self._admit(seq, now)
         self._prefill()
         self._flush_outputs()  # first tokens go out now, not one decode step later (TTFT)
+        self._compact()
         self._decode()
         self._active = self._running + len(self._prefilling)
         self.metrics.running.set(self._active)
         self.metrics.kv_slots_used.set(self._active)
 
     def _active_sequences(self) -> list[_Sequence]:
-        return [s for s in self._rows if s is not None]
+        """Running and prefilling sequences (a prefill gets its row only when it starts)."""
+        return [s for s in self._rows if s is not None] + [s for s in self._prefilling if s.row < 0]
 
     # --- slots ---------------------------------------------------------------------------------------
     def _admit(self, seq: _Sequence, now: float) -> None:
-        seq.row = next(r for r in range(self._running, len(self._rows)) if self._rows[r] is None)
-        self._rows[seq.row] = seq
+        """Give the sequence a slot; its row is chosen when its prefill starts."""
         seq.state = PREFILLING
         seq.admitted_at = now
         self._prefilling.append(seq)
         self._active += 1
         self.metrics.queue_time.observe(now - seq.arrival)
 
+    def _assign_row(self, seq: _Sequence, completes_now: bool) -> None:
+        """A prompt that completes in this step takes the lowest free row (a hole it can run in
+        without a move); a longer one the highest, where it is least in the way."""
+        free = [r for r, occupant in enumerate(self._rows) if occupant is None]
+        seq.row = free[0] if completes_now else free[-1]
+        self._rows[seq.row] = seq
+
     def _start_running(self, seq: _Sequence) -> None:
-        """A prefill completed: move the sequence to row B and count it as running."""
-        target = self._running
-        occupant = self._rows[target]
-        if occupant is not None and occupant is not seq:  # an unfinished prefill: step it aside
-            spare = next(r for r in range(target + 1, len(self._rows)) if self._rows[r] is None)
-            self._move(occupant, spare)
-        if seq.row != target:
-            self._move(seq, target)
+        """A prefill completed: the sequence decodes from the next compaction on."""
         self._prefilling.remove(seq)
         seq.state = RUNNING
         self._running += 1
@@ -386,20 +390,26 @@ class Engine:
         seq.row = row
 
     def _release(self, seq: _Sequence, finish_reason: str | None = None) -> None:
-        """Free the sequence's row (running rows are compacted by the caller)."""
+        """Free the sequence's row (the next compaction closes the hole)."""
         if seq.state == RUNNING:
             self._running -= 1
         elif seq.state == PREFILLING:
             self._prefilling.remove(seq)
-        self._rows[seq.row] = None
+        if seq.row >= 0:
+            self._rows[seq.row] = None
         self._active -= 1
         if finish_reason is not None:
             self._finish(seq, finish_reason)
 
     def _compact(self) -> None:
-        """Refill holes among rows 0..B-1 with the running sequences above them."""
-        holes = [r for r in range(self._running) if self._rows[r] is None]
-        movers = [s for s in self._rows[self._running :] if s is not None and s.state == RUNNING]
+        """Make rows 0..B-1 exactly the running sequences: move running rows above B into holes."""
+        B = self._running
+        movers = [s for s in self._rows[B:] if s is not None and s.state == RUNNING]
+        if not movers:
+            return
+        holes = [r for r in range(B) if self._rows[r] is None]
+        # As many holes as movers, unless an unfinished prefill sat below B (see the module doc).
+        assert len(holes) == len(movers), "an unfinished prefill holds a row below B"
         for hole, seq in zip(holes, movers):
             self._move(seq, hole)
 
@@ -413,6 +423,8 @@ class Engine:
             begin = seq.prefilled
             chunk = prompt[begin : begin + budget]
             budget -= len(chunk)
+            if seq.row < 0:
+                self._assign_row(seq, completes_now=begin + len(chunk) == len(prompt))
             want_all = seq.prompt_logprobs is not None
             logits = self._runner.prefill(seq.row, chunk, begin, all_logits=want_all)
             seq.prefilled += len(chunk)
@@ -455,6 +467,7 @@ class Engine:
         if B == 0:
             return
         running = self._rows[:B]
+        assert all(s is not None and s.state == RUNNING for s in running), "rows 0..B-1 must be the running sequences"
         tokens = np.fromiter((s.last_token for s in running), dtype=np.int32, count=B)
         positions = np.fromiter((s.cached for s in running), dtype=np.int32, count=B)
         logits = self._runner.decode(tokens, positions)
@@ -467,8 +480,6 @@ class Engine:
                 finished.append((seq, finish))
         for seq, finish in finished:
             self._release(seq, finish)
-        if finished:
-            self._compact()
 
     # --- one token --------------------------------------------------------------------------------------
     def _accept_token(self, seq: _Sequence, logits: np.ndarray) -> str | None:
@@ -556,6 +567,7 @@ class Engine:
         for seq in self._active_sequences():
             self._release(seq)
             self._finish(seq, "error", message)
+        self._rows = [None] * len(self._rows)
         self._running = 0
         self._prefilling = []
         self._active = 0
@@ -564,7 +576,8 @@ class Engine:
         with self._wake:
             waiting, self._waiting = list(self._waiting), deque()
         for seq in self._active_sequences():
-            self._rows[seq.row] = None
+            if seq.row >= 0:
+                self._rows[seq.row] = None
             self._finish(seq, "error", message)
         for seq in waiting:
             self._finish(seq, "error", message)

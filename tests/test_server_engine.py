@@ -4,6 +4,7 @@ output, chunked prefill, stop strings, prompt logprobs, cancellation, queue boun
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import mlx.core as mx
@@ -286,3 +287,140 @@ def test_shutdown_ends_running_sequences_with_abort(tiny_checkpoint):
     assert {r["finish"] for r in results} <= {"abort", "length"}
     assert "abort" in {r["finish"] for r in results}
     assert engine.idle
+
+
+class BookkeepingRunner:
+    """A stand-in for ModelRunner that remembers which tokens each cache row holds and checks
+    every call against that, with logits that depend on a row's whole history. A sequence only
+    gets its reference tokens if the engine never mixes up, overwrites or skips a row."""
+
+    vocab = 50257
+
+    def __init__(self, rows: int, max_len: int = 128):
+        self.rows = [[] for _ in range(rows)]
+        self.max_len = max_len
+        self.moves = 0
+
+    @staticmethod
+    def next_token(history: list[int]) -> int:
+        return (sum(history) * 31 + len(history) * 7) % 50000
+
+    def _logits(self, history: list[int]) -> np.ndarray:
+        logits = np.zeros(self.vocab, dtype=np.float32)
+        logits[self.next_token(history)] = 1.0
+        return logits
+
+    def prefill(self, row, tokens, start, all_logits=False):
+        assert start == 0 or start == len(self.rows[row]), (row, start, len(self.rows[row]))
+        self.rows[row] = self.rows[row][:start] + list(tokens)
+        assert len(self.rows[row]) <= self.max_len
+        if all_logits:
+            return np.stack([self._logits(self.rows[row][: start + i + 1]) for i in range(len(tokens))])
+        return self._logits(self.rows[row])
+
+    def decode(self, tokens, positions):
+        out = []
+        for b, (token, position) in enumerate(zip(tokens, positions)):
+            assert position == len(self.rows[b]), (b, position, len(self.rows[b]))
+            self.rows[b].append(int(token))
+            out.append(self._logits(self.rows[b]))
+        return np.stack(out)
+
+    def move_row(self, src, dst):
+        self.rows[dst] = list(self.rows[src])
+        self.moves += 1
+
+
+def test_rows_stay_consistent_under_random_arrivals_cancellations_and_long_prompts():
+    rng = np.random.default_rng(3)
+    runners = []
+
+    def factory(rows):
+        runners.append(BookkeepingRunner(rows))
+        return runners[-1]
+
+    engine = Engine(factory, get_tokenizer(), max_batch=4, max_queue=200, max_len=128, prefill_chunk=6)
+    engine.start()
+    while not engine.ready:
+        time.sleep(0.01)
+
+    def reference(prompt, max_tokens):
+        history, out = list(prompt), []
+        for _ in range(max_tokens):
+            out.append(BookkeepingRunner.next_token(history))
+            history.append(out[-1])
+        return out
+
+    jobs = [([int(t) for t in rng.integers(0, 50000, size=int(rng.integers(1, 25)))], int(rng.integers(1, 30)), rng.random() < 0.15) for _ in range(80)]
+
+    async def one(prompt, max_tokens, cancel):
+        submission = engine.submit([greedy(prompt, max_tokens, ignore_eos=True)])
+        if cancel:
+            await asyncio.sleep(float(rng.random()) * 0.01)
+            submission.cancel()
+        return (await collect(submission))[0]
+
+    async def go():
+        tasks = []
+        for job in jobs:
+            tasks.append(asyncio.ensure_future(one(*job)))
+            await asyncio.sleep(float(rng.random()) * 0.002)
+        return await asyncio.gather(*tasks)
+
+    try:
+        results = asyncio.run(go())
+    finally:
+        engine.shutdown()
+    for (prompt, max_tokens, cancelled), result in zip(jobs, results):
+        want = reference(prompt, max_tokens)
+        if result["finish"] == "abort":
+            assert cancelled and result["tokens"] == want[: len(result["tokens"])]
+        else:
+            assert result["tokens"] == want and result["finish"] == "length"
+    assert runners[0].moves > 0
+    assert engine.active_count == 0
+
+
+def test_slot_bookkeeping_under_scripted_schedules():
+    """Drive the engine step by step (no thread) through random schedules of arrivals and
+    cancellations with 2-4 slots and prefill chunks of 2-7 tokens, so holes, moves, multi-step
+    prefills and immediate finishes interleave in every order; the engine's own invariant
+    checks (rows 0..B-1 running, no prefill below B) run at every step."""
+    tokenizer = get_tokenizer()
+
+    async def schedule(seed: int) -> int:
+        rng = np.random.default_rng(seed)
+        max_batch = int(rng.integers(2, 5))
+        engine = Engine(BookkeepingRunner, tokenizer, max_batch=max_batch, max_queue=1000, max_len=128, prefill_chunk=int(rng.integers(2, 8)))
+        engine._runner = BookkeepingRunner(max_batch + 1)
+        engine.state, engine._thread = "ready", threading.current_thread()
+        jobs = []
+        for step in range(60):
+            for _ in range(int(rng.poisson(0.8))):
+                prompt = [int(t) for t in rng.integers(0, 50000, size=int(rng.integers(1, 20)))]
+                max_tokens = int(rng.integers(1, 12))
+                submission = engine.submit([greedy(prompt, max_tokens, ignore_eos=True)])
+                jobs.append((prompt, max_tokens, submission, asyncio.ensure_future(collect(submission))))
+            if jobs and rng.random() < 0.1:
+                jobs[int(rng.integers(len(jobs)))][2].cancel()
+            engine._step()
+            engine._flush_outputs()
+            await asyncio.sleep(0)
+        while not engine.idle:
+            engine._step()
+            engine._flush_outputs()
+            await asyncio.sleep(0)
+        for prompt, max_tokens, _, task in jobs:
+            result = (await task)[0]
+            history, want = list(prompt), []
+            for _ in range(max_tokens):
+                want.append(BookkeepingRunner.next_token(history))
+                history.append(want[-1])
+            if result["finish"] == "abort":
+                assert result["tokens"] == want[: len(result["tokens"])]
+            else:
+                assert (result["tokens"], result["finish"]) == (want, "length"), seed
+        return engine._runner.moves
+
+    moves = sum(asyncio.run(schedule(seed)) for seed in range(80))
+    assert moves > 0
