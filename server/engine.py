@@ -8,8 +8,9 @@ token per engine step together with every other running sequence:
            prefill up to `prefill_chunk` prompt tokens (FIFO; a long prompt takes several steps)
            compact the rows, then one batched decode of all running rows and per-row sampling
            detokenize, match stop strings, finish sequences
-           hand the outputs to asyncio with one `loop.call_soon_threadsafe` (after the prefill,
-           so first tokens do not wait for the decode, and after the decode)
+           hand the outputs to asyncio with one `loop.call_soon_threadsafe` (after each completed
+           prefill, so a first token waits for neither the other prefills nor the decode, and
+           after the decode)
 
 Row layout: `ModelRunner.decode` advances rows 0..B-1, so at every decode the B running
 sequences occupy exactly rows 0..B-1. Finished sequences leave holes; moving a row costs a
@@ -350,7 +351,6 @@ class Engine:
         for seq in admitted:
             self._admit(seq, now)
         self._prefill()
-        self._flush_outputs()  # first tokens go out now, not one decode step later (TTFT)
         self._compact()
         self._decode()
         self._active = self._running + len(self._prefilling)
@@ -446,6 +446,7 @@ class Engine:
                 self._release(seq, finish)
             else:
                 self._start_running(seq)
+            self._flush_outputs()  # this first token need not wait for the other prefills (TTFT)
 
     def _record_prompt_logprobs(self, seq: _Sequence, begin: int, logits: np.ndarray) -> None:
         """Logits at position p score prompt token p+1; the prompt's first token has none."""
