@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanogpt_mlx.model.checkpoint import load_config
 from nanogpt_mlx.model.tokenizer import get_tokenizer
+from nanogpt_mlx.server import request_log
 from nanogpt_mlx.server.completions import Completions
 from nanogpt_mlx.server.engine import Engine, EngineUnavailableError, QueueFullError
 from nanogpt_mlx.server.metrics import ServerMetrics
@@ -67,7 +68,7 @@ class ServerContext:
         self.max_len = config.block_size
         self.vocab_size = config.vocab_size
         self.tokenizer = get_tokenizer(model_dir)
-        self.metrics = ServerMetrics(settings.max_batch)
+        self.metrics = ServerMetrics(settings.max_batch, enabled=settings.metrics)
         self.engine = Engine(
             self._load_runner,
             self.tokenizer,
@@ -130,6 +131,7 @@ def create_app(settings: ServerSettings, model_dir: Path) -> FastAPI:
     app = FastAPI(title="nanogpt-mlx", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = ctx
     _install_error_handlers(app, ctx)
+    request_log.install(app, ctx.metrics, settings.access_log, settings.log_prompts)
 
     def require_api_key(request: Request) -> None:
         key = settings.api_key
@@ -158,6 +160,7 @@ def create_app(settings: ServerSettings, model_dir: Path) -> FastAPI:
         req = _parse(CompletionRequest, await read_json(request, settings.max_body_bytes))
         require_model(req.model)
         plan = ctx.completions.plan(req)
+        request_log.note_completion(request.scope, plan)
         require_ready()
         try:
             submission = ctx.engine.submit(plan.sequences)
@@ -165,6 +168,7 @@ def create_app(settings: ServerSettings, model_dir: Path) -> FastAPI:
             raise _unavailable(f"The server is overloaded ({exc}); retry shortly.", code="queue_full") from None
         except EngineUnavailableError as exc:
             raise _unavailable(f"The server cannot take requests now: {exc}.") from None
+        request_log.note_submission(request.scope, submission)
 
         ctx.inflight += 1
         if req.stream:
@@ -235,10 +239,12 @@ def create_app(settings: ServerSettings, model_dir: Path) -> FastAPI:
             return JSONResponse(body, status_code=503, headers={"Retry-After": RETRY_AFTER_SECONDS})
         return body
 
-    @app.get("/metrics")
-    async def metrics():
-        data, content_type = ctx.metrics.render()
-        return Response(data, media_type=content_type)
+    if settings.metrics:  # with --no-metrics, /metrics is a plain 404
+
+        @app.get("/metrics")
+        async def metrics():
+            data, content_type = ctx.metrics.render()
+            return Response(data, media_type=content_type)
 
     return app
 
@@ -329,26 +335,27 @@ def _unavailable(message: str, code: str = "service_unavailable") -> APIError:
 
 # --- errors ----------------------------------------------------------------------------------------
 def _install_error_handlers(app: FastAPI, ctx: ServerContext) -> None:
-    def render(error: APIError) -> JSONResponse:
-        ctx.metrics.count_error(error.status, error.body.error.code)
+    def render(request: Request, error: APIError) -> JSONResponse:
+        # The request log middleware counts the error, under this code, once the response is sent.
+        request_log.note_error_code(request.scope, error.body.error.code)
         return JSONResponse(error.body.model_dump(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
-        return render(exc)
+        return render(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def request_validation_error(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        return render(APIError(400, f"Invalid request: {first.get('msg', 'bad input')}", param=".".join(loc) or None, code="invalid_value"))
+        return render(request, APIError(400, f"Invalid request: {first.get('msg', 'bad input')}", param=".".join(loc) or None, code="invalid_value"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return render(APIError(exc.status_code, str(exc.detail), code=code, headers=dict(exc.headers or {})))
+        return render(request, APIError(exc.status_code, str(exc.detail), code=code, headers=dict(exc.headers or {})))
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return render(APIError(500, "The server had an error while processing your request.", type="server_error", code="internal_error"))
+        return render(request, APIError(500, "The server had an error while processing your request.", type="server_error", code="internal_error"))

@@ -34,6 +34,7 @@ def cmd_serve(args) -> int:
     from nanogpt_mlx.model.checkpoint import WEIGHTS_FILE, load_config
     from nanogpt_mlx.model.cli import resolve_model_dir
     from nanogpt_mlx.server.app import create_app
+    from nanogpt_mlx.server.request_log import configure_logging
     from nanogpt_mlx.server.settings import from_arguments
 
     try:
@@ -46,6 +47,7 @@ def cmd_serve(args) -> int:
         raise UserError(f"{model_dir / WEIGHTS_FILE} is missing: not a checkpoint directory")
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.access_log)
     app = create_app(settings, model_dir)
     config = uvicorn.Config(
         app,
@@ -53,6 +55,7 @@ def cmd_serve(args) -> int:
         port=settings.port,
         log_level=settings.log_level,
         lifespan="on",
+        access_log=False,  # ours (logger nanogpt_mlx.access, with request ids and token counts) replaces uvicorn's
         backlog=2048,  # bursts of connections must queue, not be refused
         timeout_keep_alive=30,
         timeout_graceful_shutdown=10,  # our own drain ran before; this only bounds closing sockets

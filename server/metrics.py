@@ -10,6 +10,12 @@ seconds. Each "request" histogram is observed once per generated sequence (a req
 
 A private `CollectorRegistry` (not prometheus-client's global one) lets several servers live in
 one process, as the tests do; it still carries the process and Python platform collectors.
+
+The HTTP middleware (request_log.py) counts every response by route, method and status, and
+every 4xx/5xx by status and OpenAI error code, so no error path can be missed.
+
+With `--no-metrics` every family is replaced by `DISCARD`, which takes the same calls and does
+nothing, so the engine needs no branches and benchmarks/metrics_overhead.py can compare the two.
 """
 
 from __future__ import annotations
@@ -44,8 +50,33 @@ BUCKETS: dict[str, tuple[float, ...]] = {
 }
 
 
+class _Discard:
+    """Stands in for every metric when metrics are off: the same calls, no work."""
+
+    def observe(self, value: float) -> None:
+        pass
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+    def labels(self, *values: str, **labels: str) -> "_Discard":
+        return self
+
+
+DISCARD = _Discard()
+
+
 class ServerMetrics:
-    def __init__(self, kv_cache_slots: int, registry: CollectorRegistry | None = None):
+    def __init__(self, kv_cache_slots: int, registry: CollectorRegistry | None = None, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            self.registry = None
+            for name in _FAMILIES:
+                setattr(self, name, DISCARD)
+            return
         self.registry = registry or CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)
@@ -69,6 +100,9 @@ class ServerMetrics:
             f"{PREFIX}_requests_finished", "Sequences finished, by finish_reason (stop, length, abort, error).", ["finish_reason"], registry=r
         )
         self.errors = Counter(f"{PREFIX}_http_errors", "Error responses, by HTTP status and OpenAI error code.", ["status", "code"], registry=r)
+        self.http_requests = Counter(
+            f"{PREFIX}_http_requests", "HTTP responses, by route template, method and status.", ["route", "method", "status"], registry=r
+        )
 
         self.running = Gauge(f"{PREFIX}_requests_running", "Sequences holding a KV-cache slot (prefilling or decoding).", registry=r)
         self.waiting = Gauge(f"{PREFIX}_requests_waiting", "Sequences waiting for a KV-cache slot.", registry=r)
@@ -83,4 +117,27 @@ class ServerMetrics:
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""
+        if self.registry is None:
+            raise RuntimeError("metrics are disabled")
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+# Every metric attribute of ServerMetrics (what DISCARD replaces when metrics are off).
+_FAMILIES = (
+    "time_to_first_token",
+    "inter_token_latency",
+    "request_latency",
+    "queue_time",
+    "prefill_time",
+    "decode_time",
+    "batch_size",
+    "prompt_tokens",
+    "generation_tokens",
+    "finished",
+    "errors",
+    "http_requests",
+    "running",
+    "waiting",
+    "kv_slots_used",
+    "kv_slots_total",
+)

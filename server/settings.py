@@ -37,6 +37,11 @@ class ServerSettings(BaseSettings):
         30.0, ge=0, description="on SIGTERM, seconds to let in-flight requests finish before ending them"
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log verbosity")
+    metrics: bool = Field(True, description="serve Prometheus metrics on /metrics (--no-metrics: no /metrics, nothing observed)")
+    access_log: Literal["text", "json", "off"] = Field(
+        "text", description="one line per request on logger nanogpt_mlx.access: key=value text, JSON lines, or none"
+    )
+    log_prompts: bool = Field(False, description="include the prompt text in access log lines (off: prompts are never logged)")
 
 
 def flag_name(field: str) -> str:
@@ -52,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices = getattr(annotation, "__args__", None) if getattr(annotation, "__origin__", None) is Literal else None
         if choices:
             kwargs["choices"] = list(choices)
+        elif annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction  # --metrics / --no-metrics
         elif annotation in (int, float):
             kwargs["type"] = annotation
         default = "" if info.default is None else f"default: {info.default}; "
