@@ -49,10 +49,18 @@ class KVCache:
         return self.keys + self.values
 
     def copy_row(self, src: int, dst: int) -> None:
-        """Move one sequence's cache row (used to keep running rows contiguous at the front)."""
-        for layer in range(len(self.keys)):
-            self.keys[layer][dst] = self.keys[layer][src]
-            self.values[layer][dst] = self.values[layer][src]
+        """Move one sequence's cache row (used to keep running rows contiguous at the front).
+
+        The source row is copied out and evaluated first: were the update to read `keys[src]`
+        lazily, the cache array would still be referenced when the update runs, and MLX would
+        copy the whole cache (all rows) instead of writing one row in place.
+        """
+        rows = [a[src] + 0 for a in self.keys + self.values]  # "+ 0": a copy, not a view of the cache
+        mx.eval(rows)
+        n = len(self.keys)
+        for layer in range(n):
+            self.keys[layer][dst] = rows[layer]
+            self.values[layer][dst] = rows[n + layer]
 
 
 class CausalSelfAttention(nn.Module):
@@ -80,16 +88,20 @@ class CausalSelfAttention(nn.Module):
             y = self._attend(q, k, v, mask)
             new_cache = None
         else:
-            keys, values, row_start, write_pos, context, mask = cache
+            keys, values, rows, write_pos, context, mask = cache
             # Scatter the new keys/values (B, H, T, D) into each row at its own positions. All
             # three index arrays are adjacent, which MLX turns into one in-place scatter.
-            rows = mx.arange(row_start, row_start + B).reshape(B, 1, 1)
+            row_index = rows.reshape(B, 1, 1) if isinstance(rows, mx.array) else mx.arange(rows, rows + B).reshape(B, 1, 1)
             heads = mx.arange(self.n_head).reshape(1, self.n_head, 1)
             cols = write_pos[:, None, :]  # (B, 1, T)
-            keys[rows, heads, cols] = k
-            values[rows, heads, cols] = v
-            k_ctx = keys[row_start : row_start + B, :, :context]
-            v_ctx = values[row_start : row_start + B, :, :context]
+            keys[row_index, heads, cols] = k
+            values[row_index, heads, cols] = v
+            if isinstance(rows, mx.array):  # scattered rows (batched prefill): gather a copy
+                k_ctx = keys[rows][:, :, :context]
+                v_ctx = values[rows][:, :, :context]
+            else:  # a contiguous block of rows (decode): a view, no copy
+                k_ctx = keys[rows : rows + B, :, :context]
+                v_ctx = values[rows : rows + B, :, :context]
             y = self._attend(q, k_ctx, v_ctx, mask)
             new_cache = (keys, values)
 
@@ -204,10 +216,12 @@ class GPT(nn.Module):
         cache: KVCache,
         context: int,
         row_start: int = 0,
+        rows: mx.array | None = None,
     ) -> mx.array:
         """Run T new tokens per row through the cache; return final hidden states (B, T, C).
 
-        tokens: (B, T) ids for cache rows row_start .. row_start+B-1.
+        tokens: (B, T) ids for cache rows row_start .. row_start+B-1, or for the cache rows
+                listed in `rows` (B,) when given (any rows, e.g. prompts prefilled together).
         start:  (B,) int32, each row's position of its first new token (= tokens already cached).
         context: how many cache columns to attend over; must be >= max(start) + T. Passing a
                  value rounded up to a bucket keeps the set of shapes (and compiled graphs) small.
@@ -220,7 +234,7 @@ class GPT(nn.Module):
         allowed = cols[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, context)
         mask = mx.where(allowed, mx.array(0.0, x.dtype), mx.array(-mx.inf, x.dtype))
         for i, block in enumerate(self.h):
-            layer_cache = (cache.keys[i], cache.values[i], row_start, positions, context, mask)
+            layer_cache = (cache.keys[i], cache.values[i], row_start if rows is None else rows, positions, context, mask)
             x, (cache.keys[i], cache.values[i]) = block(x, layer_cache)
         return self.ln_f(x)
 

@@ -11,11 +11,45 @@ sequences; rows at B and above may hold prompts being prefilled and are left unt
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 import numpy as np
 
 from nanogpt_mlx.model.generate import context_for
 from nanogpt_mlx.model.gpt import GPT, KVCache
+
+
+PAD_WASTE = 0.5  # batched prefill may compute up to 50% padding on top of the real tokens
+
+
+@dataclass
+class PrefillChunk:
+    """Prompt tokens to write into cache row `row` at positions start, start+1, ..."""
+
+    row: int
+    tokens: list[int] | np.ndarray
+    start: int = 0
+    all_logits: bool = False  # every position's logits (prompt logprobs), not just the last
+
+
+def _group_by_length(chunks: list[PrefillChunk]) -> list[list[int]]:
+    """Indices of `chunks` grouped so each group's padded size <= (1 + PAD_WASTE) x its tokens."""
+    order = sorted(range(len(chunks)), key=lambda i: len(chunks[i].tokens))
+    groups: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for i in order:
+        n = len(chunks[i].tokens)
+        # sorted ascending, so n is the group's longest if i joins it
+        if current and n * (len(current) + 1) > (1 + PAD_WASTE) * (real + n):
+            groups.append(current)
+            current, real = [], 0
+        current.append(i)
+        real += n
+    if current:
+        groups.append(current)
+    return groups
 
 
 class ModelRunner:
@@ -73,6 +107,50 @@ class ModelRunner:
         )
         logits = self.model.logits(hidden[0] if all_logits else hidden[0, -1])
         return np.array(logits, dtype=np.float32)
+
+    def prefill_many(self, chunks: list[PrefillChunk]) -> list[np.ndarray]:
+        """Prefill several rows' chunks in as few batched calls as padding allows.
+
+        A burst of new requests would otherwise pay one ~200-op forward each; batching them is
+        what keeps time-to-first-token flat under load. Chunks are grouped by length so padding
+        costs at most `PAD_WASTE` of the real work; pad tokens go to positions past each row's
+        chunk (clamped to the last cache column), which the row overwrites before it ever
+        attends to them. Returns, per chunk in the given order, what `prefill` would.
+        """
+        results: list[np.ndarray | None] = [None] * len(chunks)
+        for group in _group_by_length(chunks):
+            if len(group) == 1:
+                i = group[0]
+                c = chunks[i]
+                results[i] = self.prefill(c.row, c.tokens, c.start, c.all_logits)
+                continue
+            T = max(len(chunks[i].tokens) for i in group)
+            tokens = np.zeros((len(group), T), dtype=np.int32)
+            for b, i in enumerate(group):
+                tokens[b, : len(chunks[i].tokens)] = chunks[i].tokens
+            starts = np.array([chunks[i].start for i in group], dtype=np.int32)
+            if int(starts.max()) + T > self.max_len:  # padding would run past the cache
+                for i in group:
+                    c = chunks[i]
+                    results[i] = self.prefill(c.row, c.tokens, c.start, c.all_logits)
+                continue
+            longest = max(chunks[i].start + len(chunks[i].tokens) for i in group)
+            hidden = self.model.forward_cached(
+                mx.array(tokens),
+                mx.array(starts),
+                self.cache,
+                context_for(max(longest, int(starts.max()) + T), self.max_len),
+                rows=mx.array([chunks[i].row for i in group], dtype=mx.int32),
+            )
+            last = mx.array([len(chunks[i].tokens) - 1 for i in group])
+            last_logits = np.array(self.model.logits(hidden[mx.arange(len(group)), last]), dtype=np.float32)
+            for b, i in enumerate(group):
+                if chunks[i].all_logits:
+                    n = len(chunks[i].tokens)
+                    results[i] = np.array(self.model.logits(hidden[b, :n]), dtype=np.float32)
+                else:
+                    results[i] = last_logits[b]
+        return results
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """One step for rows 0..B-1: token b goes to position positions[b]. Returns (B, vocab) logits."""

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from nanogpt_mlx.model.runner import PrefillChunk
 from nanogpt_mlx.model.sampling import SamplingParams, choose_token, log_softmax, top_logprobs
 from nanogpt_mlx.model.tokenizer import EOT_ID, StreamingDetokenizer
 from nanogpt_mlx.server.metrics import ServerMetrics
@@ -415,7 +416,9 @@ class Engine:
 
     # --- prefill ---------------------------------------------------------------------------------------
     def _prefill(self) -> None:
+        """This step's prompt chunks (FIFO, `prefill_chunk` tokens in all), in one batched call."""
         budget = self.prefill_chunk
+        planned: list[tuple[_Sequence, int, list[int]]] = []
         for seq in list(self._prefilling):
             if budget <= 0:
                 break
@@ -425,8 +428,15 @@ class Engine:
             budget -= len(chunk)
             if seq.row < 0:
                 self._assign_row(seq, completes_now=begin + len(chunk) == len(prompt))
+            planned.append((seq, begin, chunk))
+        if not planned:
+            return
+        all_logits = self._runner.prefill_many(
+            [PrefillChunk(seq.row, chunk, begin, seq.prompt_logprobs is not None) for seq, begin, chunk in planned]
+        )
+        for (seq, begin, chunk), logits in zip(planned, all_logits):
+            prompt = seq.request.prompt
             want_all = seq.prompt_logprobs is not None
-            logits = self._runner.prefill(seq.row, chunk, begin, all_logits=want_all)
             seq.prefilled += len(chunk)
             if want_all:
                 self._record_prompt_logprobs(seq, begin, logits)
@@ -446,7 +456,7 @@ class Engine:
                 self._release(seq, finish)
             else:
                 self._start_running(seq)
-            self._flush_outputs()  # this first token need not wait for the other prefills (TTFT)
+        self._flush_outputs()  # first tokens need not wait for this step's decode (TTFT)
 
     def _record_prompt_logprobs(self, seq: _Sequence, begin: int, logits: np.ndarray) -> None:
         """Logits at position p score prompt token p+1; the prompt's first token has none."""

@@ -17,7 +17,7 @@ from nanogpt_mlx.model.checkpoint import load_model, save_checkpoint
 from nanogpt_mlx.model.config import ModelConfig
 from nanogpt_mlx.model.generate import context_for, generate_tokens
 from nanogpt_mlx.model.gpt import GPT, KVCache
-from nanogpt_mlx.model.runner import ModelRunner
+from nanogpt_mlx.model.runner import ModelRunner, PrefillChunk, _group_by_length
 from nanogpt_mlx.model.sampling import SamplingParams
 
 HF_TOLERANCE = 1e-4
@@ -236,6 +236,54 @@ def test_move_row_keeps_the_sequence(random_model, tiny_config):
     runner.move_row(2, 0)
     step = runner.decode(np.array([5]), np.array([20]))
     assert np.abs(step[0] - full_logits(model, seq + [5])[-1]).max() <= 1e-5
+
+
+def test_move_row_leaves_other_rows_untouched(random_model, tiny_config):
+    model = random_model(tiny_config, seed=12)
+    runner = ModelRunner(model, max_rows=4)
+    seqs = {row: tokens(50 + row, (15 + row,)).tolist() for row in (0, 1, 3)}
+    for row, seq in seqs.items():
+        runner.prefill(row, seq, start=0)
+    runner.move_row(3, 2)  # row 2 was free; rows 0 and 1 must not change
+    step = runner.decode(np.array([5, 6, 7]), np.array([15, 16, 18]))
+    for b, seq in enumerate([seqs[0], seqs[1], seqs[3]]):
+        assert np.abs(step[b] - full_logits(model, seq + [5 + b])[-1]).max() <= 1e-5
+
+
+def test_prefill_many_matches_prefilling_each_row_alone(random_model, tiny_config):
+    """Batched prefill over scattered rows, mixed lengths (padding), a continuation chunk and
+    an all-logits row gives what one prefill per row gives, and leaves rows decodable."""
+    model = random_model(tiny_config, seed=13)
+    lengths = [30, 36, 33, 40, 5, 120]
+    prompts = [tokens(60 + i, (n,)).tolist() for i, n in enumerate(lengths)]
+    batched, alone = ModelRunner(model, max_rows=8), ModelRunner(model, max_rows=8)
+    rows = [7, 1, 4, 2, 6, 3]
+    batched.prefill(rows[3], prompts[3][:10], start=0)  # row 2 continues from position 10
+    alone.prefill(rows[3], prompts[3][:10], start=0)
+    chunks = [
+        PrefillChunk(row, p[10:] if i == 3 else p, 10 if i == 3 else 0, all_logits=(i == 2))
+        for i, (row, p) in enumerate(zip(rows, prompts))
+    ]
+    got = batched.prefill_many(chunks)
+    for c, g in zip(chunks, got):
+        want = alone.prefill(c.row, c.tokens, c.start, c.all_logits)
+        assert g.shape == want.shape
+        assert np.abs(g - want).max() <= 1e-5
+    assert np.abs(got[2] - full_logits(model, prompts[2])).max() <= 1e-5
+    for i, row in enumerate(rows):  # each row continues correctly (pad garbage never attended)
+        batched.move_row(row, 0)
+        step = batched.decode(np.array([9]), np.array([lengths[i]]))
+        assert np.abs(step[0] - full_logits(model, prompts[i] + [9])[-1]).max() <= 1e-5
+
+
+def test_prefill_groups_bound_the_padding():
+    chunks = [PrefillChunk(0, [1] * n) for n in [5, 30, 33, 36, 40, 120, 7]]
+    groups = _group_by_length(chunks)
+    assert sorted(i for g in groups for i in g) == list(range(len(chunks)))
+    for g in groups:
+        lengths = [len(chunks[i].tokens) for i in g]
+        assert max(lengths) * len(lengths) <= 1.5 * sum(lengths)
+    assert any(len(g) >= 4 for g in groups)  # the four similar prompts share one call
 
 
 def test_prefill_all_logits_and_continuation(random_model, tiny_config):

@@ -249,6 +249,9 @@ class FlakyRunner:
     def prefill(self, *a, **kw):
         return self.runner.prefill(*a, **kw)
 
+    def prefill_many(self, chunks):
+        return self.runner.prefill_many(chunks)
+
     def move_row(self, *a):
         return self.runner.move_row(*a)
 
@@ -317,6 +320,11 @@ class BookkeepingRunner:
         if all_logits:
             return np.stack([self._logits(self.rows[row][: start + i + 1]) for i in range(len(tokens))])
         return self._logits(self.rows[row])
+
+    def prefill_many(self, chunks):
+        rows = [c.row for c in chunks]
+        assert len(set(rows)) == len(rows), f"two chunks for one row in one call: {rows}"
+        return [self.prefill(c.row, c.tokens, c.start, c.all_logits) for c in chunks]
 
     def decode(self, tokens, positions):
         out = []
