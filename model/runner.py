@@ -174,3 +174,13 @@ class ModelRunner:
         if src != dst:
             self.cache.copy_row(src, dst)
             mx.eval(self.cache.state())
+
+    def close(self) -> None:
+        """Call from the thread that ran this runner, before that thread ends.
+
+        MLX 0.32 expects every thread that ran MLX work to free its streams
+        (`mx.clear_streams()`) before it exits; otherwise the process aborts at exit now and
+        then ("terminate called without an active exception", ml-explore/mlx#3126).
+        """
+        if hasattr(mx, "clear_streams"):
+            mx.clear_streams()

@@ -320,7 +320,7 @@ class Engine:
         else:
             self.state = "stopped"
         finally:
-            _release_thread_streams()
+            self._runner.close()
 
     def _warm_up(self) -> None:
         """One prefill and one decode, so the first request does not pay MLX's first-call costs."""
@@ -595,18 +595,6 @@ class Engine:
         self._active = 0
         self._flush_outputs()
 
-
-def _release_thread_streams() -> None:
-    """Free this thread's MLX streams before it ends.
-
-    MLX 0.32 expects every thread that ran MLX work to call `mx.clear_streams()` before it
-    exits; otherwise the process aborts at exit now and then ("terminate called without an
-    active exception", ml-explore/mlx#3126, #4110). Belongs in the runner; here until it is.
-    """
-    import mlx.core as mx
-
-    if hasattr(mx, "clear_streams"):
-        mx.clear_streams()
 
 
 def _deliver(batch: list[tuple[Submission, int, SequenceOutput]]) -> None:

@@ -252,6 +252,9 @@ class FlakyRunner:
     def prefill_many(self, chunks):
         return self.runner.prefill_many(chunks)
 
+    def close(self):
+        self.runner.close()
+
     def move_row(self, *a):
         return self.runner.move_row(*a)
 
@@ -337,6 +340,9 @@ class BookkeepingRunner:
     def move_row(self, src, dst):
         self.rows[dst] = list(self.rows[src])
         self.moves += 1
+
+    def close(self):
+        pass
 
 
 def test_rows_stay_consistent_under_random_arrivals_cancellations_and_long_prompts():
