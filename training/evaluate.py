@@ -22,7 +22,9 @@ from nanogpt_mlx.training.losses import token_cross_entropy
 class EvalResult:
     loss: float  # mean nats per token
     tokens: int
-    seconds: float
+    seconds: float  # all of it, including the first batch's compilation
+    steady_tokens: int = 0  # tokens after the first batch, and their time: the throughput
+    steady_seconds: float = 0.0
 
     @property
     def perplexity(self) -> float:
@@ -30,6 +32,8 @@ class EvalResult:
 
     @property
     def tok_per_s(self) -> float:
+        if self.steady_tokens and self.steady_seconds > 0:
+            return self.steady_tokens / self.steady_seconds
         return self.tokens / self.seconds if self.seconds > 0 else float("nan")
 
     def as_dict(self) -> dict:
@@ -55,8 +59,8 @@ class Evaluator:
     def __call__(self, batches, max_batches: int | None = None) -> EvalResult:
         was_training = self.model.training
         self.model.eval()
-        total = mx.array(0.0)
-        count = 0
+        total_loss, count = 0.0, 0  # summed in float64 on the host: exact enough for any split size
+        first_tokens, first_done = 0, None
         start = time.perf_counter()
         try:
             iterator = batches if max_batches is None else islice(batches, max_batches)
@@ -64,20 +68,20 @@ class Evaluator:
                 x, y = x[self.rank :: self.world], y[self.rank :: self.world]
                 if len(x) == 0:
                     continue
-                total = total + self._loss_sum(mx.array(x), mx.array(y))
+                total_loss += float(self._loss_sum(mx.array(x), mx.array(y)).item())
                 count += y.size
-                mx.eval(total)
+                if first_done is None:
+                    first_tokens, first_done = count, time.perf_counter()
         finally:
             self.model.train(was_training)
         if self.world > 1:
-            sums = mx.distributed.all_sum(mx.array([total.item(), float(count)]), group=self.group)
+            sums = mx.distributed.all_sum(mx.array([total_loss, float(count)], dtype=mx.float32), group=self.group)
             total_loss, count = float(sums[0].item()), int(sums[1].item())
-        else:
-            total_loss = float(total.item())
-        seconds = time.perf_counter() - start
+        end = time.perf_counter()
         if count == 0:
-            return EvalResult(loss=float("nan"), tokens=0, seconds=seconds)
-        return EvalResult(loss=total_loss / count, tokens=count, seconds=seconds)
+            return EvalResult(loss=float("nan"), tokens=0, seconds=end - start)
+        steady = (count - first_tokens * self.world, end - first_done) if first_done is not None else (0, 0.0)
+        return EvalResult(loss=total_loss / count, tokens=count, seconds=end - start, steady_tokens=steady[0], steady_seconds=steady[1])
 
 
 def run_eval(model_dir: str, data_dir: str, split: str = "val", batch_size: int = 8, seq_len: int | None = None, max_batches: int | None = None, progress: bool = True) -> EvalResult:
