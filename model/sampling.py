@@ -120,12 +120,25 @@ def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     return logits
 
 
+SAMPLE_BLOCK = 256  # vocabulary block size of the two-level inverse CDF in `sample`
+
+
 def sample(logits: np.ndarray, rng: np.random.Generator) -> int:
-    """Draw from softmax(logits) with one uniform number (inverse CDF)."""
-    probs = softmax(logits.astype(np.float64))
-    cdf = np.cumsum(probs)
-    u = rng.random() * cdf[-1]
-    return int(min(np.searchsorted(cdf, u, side="right"), len(cdf) - 1))
+    """Draw from softmax(logits) with one uniform number (inverse CDF), in two levels.
+
+    A float64 cumulative sum over all 50k probabilities is sequential and was ~40% of a
+    32-row engine step. Summing blocks of 256 (vectorized), picking the block by the CDF of the
+    ~200 block sums, then the token by the CDF inside that block draws from exactly the same
+    distribution, with the same single uniform, at a fraction of the cost.
+    """
+    weights = np.exp(logits - logits.max())  # unnormalized; float32 exp is the SIMD fast path
+    starts = np.arange(0, len(weights), SAMPLE_BLOCK)
+    block_cdf = np.cumsum(np.add.reduceat(weights, starts, dtype=np.float64))
+    u = rng.random() * block_cdf[-1]
+    block = min(int(np.searchsorted(block_cdf, u, side="right")), len(block_cdf) - 1)
+    u -= block_cdf[block - 1] if block else 0.0
+    inner_cdf = np.cumsum(weights[starts[block] : starts[block] + SAMPLE_BLOCK], dtype=np.float64)
+    return int(starts[block]) + min(int(np.searchsorted(inner_cdf, u, side="right")), len(inner_cdf) - 1)
 
 
 def choose_token(
