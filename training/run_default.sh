@@ -2,6 +2,9 @@
 # (Re)start or resume the training run of the bundled default checkpoint, idempotently:
 # if the run is already going, say so and do nothing; otherwise start it in the background
 # with --resume (which continues from the newest checkpoint, or starts at step 0 if none).
+# A supervisor loop restarts the trainer (from its newest checkpoint) if it dies abnormally,
+# e.g. killed by the OOM killer on a shared machine; a clean exit (done, or SIGTERM from
+# `stop`, which saves a checkpoint first) or a usage error (exit 2) ends it.
 #
 #   training/run_default.sh            # start / resume
 #   training/run_default.sh status     # is it running? last log line
@@ -11,25 +14,40 @@
 set -eu
 RUN_DIR=${RUN_DIR:-/work/runs/default}
 DATA=${DATA:-/work/data/tokens}
-PIDFILE="$RUN_DIR/train.pid"
+PIDFILE="$RUN_DIR/train.pid"          # the trainer process
+SUPERVISOR="$RUN_DIR/supervisor.pid"  # the restart loop around it
 mkdir -p "$RUN_DIR"
 
-running() { [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+running() { alive "$SUPERVISOR" || alive "$PIDFILE"; }
 
 case "${1:-start}" in
   status)
-    if running; then echo "running (pid $(cat "$PIDFILE"))"; else echo "not running"; fi
+    if running; then echo "running (trainer pid $(cat "$PIDFILE" 2>/dev/null))"; else echo "not running"; fi
     tail -n 1 "$RUN_DIR/log.jsonl" 2>/dev/null || true
     ;;
   stop)
-    if running; then kill -TERM "$(cat "$PIDFILE")"; echo "sent SIGTERM to $(cat "$PIDFILE"); it saves a checkpoint and exits"; else echo "not running"; fi
+    if alive "$PIDFILE"; then
+      kill -TERM "$(cat "$PIDFILE")"
+      echo "sent SIGTERM to $(cat "$PIDFILE"); it saves a checkpoint and exits"
+    else
+      echo "not running"
+    fi
     ;;
   start)
-    if running; then echo "already running (pid $(cat "$PIDFILE"))"; exit 0; fi
-    nohup nanogpt-mlx train --config default-offline --data "$DATA" --out "$RUN_DIR" --resume \
-      >>"$RUN_DIR/train.out" 2>&1 &
-    echo $! >"$PIDFILE"
-    echo "started (pid $!); output in $RUN_DIR/train.out, metrics in $RUN_DIR/log.jsonl"
+    if running; then echo "already running (trainer pid $(cat "$PIDFILE" 2>/dev/null))"; exit 0; fi
+    RUN_DIR="$RUN_DIR" DATA="$DATA" PIDFILE="$PIDFILE" nohup sh -c '
+      while :; do
+        nanogpt-mlx train --config default-offline --data "$DATA" --out "$RUN_DIR" --resume &
+        echo $! >"$PIDFILE"
+        rc=0; wait $! || rc=$?
+        case $rc in 0|2|130) echo "trainer exited with $rc"; break ;; esac
+        echo "trainer exited with $rc; resuming from the newest checkpoint in 60 s"
+        sleep 60
+      done' >>"$RUN_DIR/train.out" 2>&1 &
+    echo $! >"$SUPERVISOR"
+    sleep 1
+    echo "started (trainer pid $(cat "$PIDFILE")); output in $RUN_DIR/train.out, metrics in $RUN_DIR/log.jsonl"
     ;;
   *) echo "usage: $0 [start|status|stop]" >&2; exit 2 ;;
 esac
