@@ -33,6 +33,8 @@ import sys
 import time
 from importlib import metadata
 
+from nanogpt_mlx.benchmarks.machine import cpu_model, git_state
+
 PROMPT_TOKENS = 50
 
 
@@ -115,27 +117,6 @@ def worker(args) -> dict:
 
 
 # --- driver -----------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_state() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True).stdout.strip()
-        return rev + (" (uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def run_worker(no_blas: bool, worker_args: list[str]) -> dict:
     env = dict(os.environ)
     env.pop("NANOGPT_MLX_NO_BLAS", None)
