@@ -441,6 +441,31 @@ def test_unexpected_exception_is_a_500_with_request_id_log_line_and_count(tiny_c
     assert "status=500" in line and "error_code=internal_error" in line
 
 
+def test_client_leaving_a_non_streaming_request_is_logged_and_counted_as_499(tiny_checkpoint, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="nanogpt_mlx.access")
+    with ThreadedServer(tiny_checkpoint) as server:
+        runner = server.ctx.engine._runner
+        decode = runner.decode
+
+        def slow_decode(tokens, positions):  # a slow model: the client gives up long before the end
+            time.sleep(0.05)
+            return decode(tokens, positions)
+
+        monkeypatch.setattr(runner, "decode", slow_decode)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.base_url + "/v1/completions", json={"prompt": "x", "max_tokens": 100}, headers={"X-Request-ID": "gone-1"}, timeout=0.5)
+
+        def count() -> float:
+            text = httpx.get(server.base_url + "/metrics", timeout=10).text
+            return sample(text, "nanogpt_mlx_http_errors_total", status="499", code="client_disconnected")
+
+        wait_until(lambda: count() == 1, 10, "the 499 to be counted")
+    line = next(r.getMessage() for r in caplog.records if r.name == "nanogpt_mlx.access" and "request_id=gone-1" in r.getMessage())
+    assert "status=499" in line and "error_code=client_disconnected" in line
+    completion_tokens = int(re.search(r"completion_tokens=(\d+)", line).group(1))
+    assert 0 < completion_tokens < 100  # what was generated until the slot was freed
+
+
 def test_no_metrics_setting_removes_the_endpoint_and_keeps_serving(tiny_checkpoint):
     with ThreadedServer(tiny_checkpoint, metrics=False) as server:
         assert server.ctx.metrics.enabled is False
