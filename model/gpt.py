@@ -97,8 +97,9 @@ class CausalSelfAttention(nn.Module):
             keys[row_index, heads, cols] = k
             values[row_index, heads, cols] = v
             if isinstance(rows, mx.array):  # scattered rows (batched prefill): gather a copy
-                k_ctx = keys[rows][:, :, :context]
-                v_ctx = values[rows][:, :, :context]
+                # of the first `context` columns only (slice first: a view), not of whole rows.
+                k_ctx = mx.take(keys[:, :, :context], rows, axis=0)
+                v_ctx = mx.take(values[:, :, :context], rows, axis=0)
             else:  # a contiguous block of rows (decode): a view, no copy
                 k_ctx = keys[rows : rows + B, :, :context]
                 v_ctx = values[rows : rows + B, :, :context]
