@@ -58,7 +58,7 @@ def save_checkpoint(model: GPT, out_dir: str | os.PathLike, dtype: str = "float3
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         for f in tmp.iterdir():
-            _fsync(f)
+            fsync_path(f)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
         _replace_dir(tmp, out_dir)
     except BaseException:
@@ -67,7 +67,8 @@ def save_checkpoint(model: GPT, out_dir: str | os.PathLike, dtype: str = "float3
     return out_dir
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes renames inside it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -32,7 +32,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from nanogpt_mlx.model.checkpoint import CheckpointError, load_config, load_model, save_checkpoint
+from nanogpt_mlx.model.checkpoint import CheckpointError, fsync_path, load_config, load_model, save_checkpoint
 from nanogpt_mlx.model.config import ModelConfig
 from nanogpt_mlx.model.gpt import GPT
 from nanogpt_mlx.training.recipe import TrainingError
@@ -82,14 +82,6 @@ def clean_partials(run_dir: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def is_out_of_space(exc: BaseException) -> bool:
     """ENOSPC / EDQUOT from Python, or MLX's own write failure (it raises RuntimeError
     "[write] Unable to write N bytes" without an errno)."""
@@ -129,12 +121,12 @@ def save_training_checkpoint(
         save_checkpoint(model, staging, dtype="float32", extra_files={STATE_FILE: json.dumps(full_state, indent=2) + "\n"})
         arrays = dict(tree_flatten(optimizer_state))
         mx.save_safetensors(str(staging / OPTIMIZER_FILE), arrays)
-        _fsync_path(staging / OPTIMIZER_FILE)
-        _fsync_path(staging)
+        fsync_path(staging / OPTIMIZER_FILE)
+        fsync_path(staging)
         if final.exists():  # the same step saved again (e.g. the final step after a periodic save)
             shutil.rmtree(final)
         os.replace(staging, final)
-        _fsync_path(root)
+        fsync_path(root)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         for leftover in root.glob(f".{staging.name}.tmp-*"):  # save_checkpoint's own temp dir
