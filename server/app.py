@@ -130,7 +130,7 @@ def create_app(settings: ServerSettings, model_dir: Path) -> FastAPI:
 
     app = FastAPI(title="nanogpt-mlx", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = ctx
-    _install_error_handlers(app, ctx)
+    _install_error_handlers(app)
     request_log.install(app, ctx.metrics, settings.access_log, settings.log_prompts)
 
     def require_api_key(request: Request) -> None:
@@ -334,7 +334,7 @@ def _unavailable(message: str, code: str = "service_unavailable") -> APIError:
 
 
 # --- errors ----------------------------------------------------------------------------------------
-def _install_error_handlers(app: FastAPI, ctx: ServerContext) -> None:
+def _install_error_handlers(app: FastAPI) -> None:
     def render(request: Request, error: APIError) -> JSONResponse:
         # The request log middleware counts the error, under this code, once the response is sent.
         request_log.note_error_code(request.scope, error.body.error.code)

@@ -178,7 +178,7 @@ class Engine:
         max_batch: int,
         max_queue: int,
         max_len: int,
-        prefill_chunk: int = 256,
+        prefill_chunk: int = 512,
         metrics: ServerMetrics | None = None,
     ):
         self._runner_factory = runner_factory
@@ -582,6 +582,8 @@ class Engine:
         self._running = 0
         self._prefilling = []
         self._active = 0
+        self.metrics.running.set(0)
+        self.metrics.kv_slots_used.set(0)
 
     def _fail_everything(self, message: str) -> None:
         with self._wake:
