@@ -46,7 +46,8 @@ def worker(args) -> dict:
 
     from nanogpt_mlx.model import backend
     from nanogpt_mlx.model.config import ModelConfig
-    from nanogpt_mlx.model.generate import context_for, generate_tokens
+    from nanogpt_mlx.model.generate import generate_tokens
+    from nanogpt_mlx.model.runner import context_for
     from nanogpt_mlx.model.gpt import GPT, KVCache
     from nanogpt_mlx.model.sampling import SamplingParams
 

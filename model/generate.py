@@ -8,18 +8,11 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 
-import mlx.core as mx
 import numpy as np
 
-from nanogpt_mlx.model.gpt import GPT, KVCache
+from nanogpt_mlx.model.gpt import GPT
+from nanogpt_mlx.model.runner import ModelRunner
 from nanogpt_mlx.model.sampling import SamplingParams, choose_token
-
-CONTEXT_BUCKET = 64  # attend over cache columns rounded up to this: few distinct shapes
-
-
-def context_for(length: int, max_len: int) -> int:
-    """Cache columns to attend over for a sequence of `length` tokens."""
-    return min(max_len, -(-length // CONTEXT_BUCKET) * CONTEXT_BUCKET)
 
 
 def generate_tokens(
@@ -37,19 +30,15 @@ def generate_tokens(
         raise ValueError("the prompt must hold at least one token")
     if len(prompt) + max_tokens > block:
         raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the context of {block}")
-    cache = KVCache(model.config, rows=1, max_len=block)
+    runner = ModelRunner(model, max_rows=1, max_len=block)  # compiled decode step, one cache row
     rng = params.make_rng()
     counts: Counter[int] = Counter()
 
-    hidden = None
+    logits = None
     for begin in range(0, len(prompt), prefill_chunk):
-        chunk = prompt[begin : begin + prefill_chunk]
-        hidden = model.forward_cached(
-            mx.array(np.asarray([chunk], dtype=np.int32)), mx.array([begin]), cache, context_for(begin + len(chunk), block)
-        )
+        logits = runner.prefill(0, prompt[begin : begin + prefill_chunk], begin)
     length = len(prompt)
     for _ in range(max_tokens):
-        logits = np.array(model.logits(hidden[:, -1]), dtype=np.float32)[0]  # only the last position
         token = choose_token(logits, params, rng, counts)
         counts[token] += 1
         yield token
@@ -58,4 +47,4 @@ def generate_tokens(
         length += 1
         if length >= block:
             return
-        hidden = model.forward_cached(mx.array([[token]]), mx.array([length - 1]), cache, context_for(length, block))
+        logits = runner.decode(np.array([token], dtype=np.int32), np.array([length - 1], dtype=np.int32))[0]

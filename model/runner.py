@@ -11,13 +11,22 @@ sequences; rows at B and above may hold prompts being prefilled and are left unt
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
 
-from nanogpt_mlx.model.generate import context_for
 from nanogpt_mlx.model.gpt import GPT, KVCache
+
+
+CONTEXT_BUCKET = 64  # attend over cache columns rounded up to this: few distinct shapes
+
+
+def context_for(length: int, max_len: int) -> int:
+    """Cache columns to attend over for a sequence of `length` tokens."""
+    return min(max_len, -(-length // CONTEXT_BUCKET) * CONTEXT_BUCKET)
 
 
 PAD_WASTE = 0.5  # batched prefill may compute up to 50% padding on top of the real tokens
@@ -52,6 +61,18 @@ def _group_by_length(chunks: list[PrefillChunk]) -> list[list[int]]:
     return groups
 
 
+# id(model) -> {context bucket: compiled decode step}. Keyed by the model so runners created
+# per call (`generate_tokens`) reuse the traced graphs; dropped when the model is collected.
+_COMPILED_DECODE_STEPS: dict[int, dict[int, callable]] = {}
+
+
+def _decode_step_fn(model_ref: weakref.ref, context: int, tokens, positions, keys, values):
+    model = model_ref()  # a weak reference: the compiled-step cache must not keep the model alive
+    cache = KVCache.wrap(list(keys), list(values))
+    hidden = model.forward_cached(tokens, positions, cache, context)
+    return model.logits(hidden[:, 0]), cache.keys, cache.values
+
+
 class ModelRunner:
     def __init__(self, model: GPT, max_rows: int, max_len: int | None = None, compile: bool = True):
         self.model = model
@@ -59,7 +80,6 @@ class ModelRunner:
         self.max_len = max_len or model.config.block_size
         self.cache = KVCache(model.config, rows=max_rows, max_len=self.max_len)
         self.compile = compile
-        self._decode_steps: dict[int, callable] = {}  # one compiled graph per context bucket
 
     def _decode_step(self, context: int):
         """The decode step for one context bucket, compiled (MLX retraces it per batch size).
@@ -69,17 +89,16 @@ class ModelRunner:
         cache goes in and comes out as arrays; the in-place scatter survives compilation
         because the caller drops its references to the old cache before evaluating.
         """
-        step = self._decode_steps.get(context)
+        if not self.compile:
+            return partial(_decode_step_fn, weakref.ref(self.model), context)
+        steps = _COMPILED_DECODE_STEPS.get(id(self.model))
+        if steps is None:  # shared by every runner of this model, so traces are reused
+            steps = _COMPILED_DECODE_STEPS[id(self.model)] = {}
+            weakref.finalize(self.model, _COMPILED_DECODE_STEPS.pop, id(self.model), None)
+        step = steps.get(context)
         if step is None:
-            model = self.model
-
-            def step_fn(tokens, positions, keys, values):
-                cache = KVCache.wrap(list(keys), list(values))
-                hidden = model.forward_cached(tokens, positions, cache, context)
-                return model.logits(hidden[:, 0]), cache.keys, cache.values
-
-            step = mx.compile(step_fn, inputs=model.state) if self.compile else step_fn
-            self._decode_steps[context] = step
+            fn = partial(_decode_step_fn, weakref.ref(self.model), context)
+            step = steps[context] = mx.compile(fn, inputs=self.model.state)
         return step
 
     @property

@@ -15,9 +15,9 @@ import pytest
 
 from nanogpt_mlx.model.checkpoint import load_model, save_checkpoint
 from nanogpt_mlx.model.config import ModelConfig
-from nanogpt_mlx.model.generate import context_for, generate_tokens
+from nanogpt_mlx.model.generate import generate_tokens
 from nanogpt_mlx.model.gpt import GPT, KVCache
-from nanogpt_mlx.model.runner import ModelRunner, PrefillChunk, _group_by_length
+from nanogpt_mlx.model.runner import ModelRunner, PrefillChunk, _group_by_length, context_for
 from nanogpt_mlx.model.sampling import SamplingParams
 
 HF_TOLERANCE = 1e-4
