@@ -96,7 +96,9 @@ class CausalSelfAttention(nn.Module):
             cols = write_pos[:, None, :]  # (B, 1, T)
             keys[row_index, heads, cols] = k
             values[row_index, heads, cols] = v
-            if isinstance(rows, mx.array):  # scattered rows (batched prefill): gather a copy
+            if context is None:  # fresh prompts (all start at 0): the chunk is all there is to see
+                k_ctx, v_ctx = k, v
+            elif isinstance(rows, mx.array):  # scattered rows (batched prefill): gather a copy
                 # of the first `context` columns only (slice first: a view), not of whole rows.
                 k_ctx = mx.take(keys[:, :, :context], rows, axis=0)
                 v_ctx = mx.take(values[:, :, :context], rows, axis=0)
@@ -215,7 +217,7 @@ class GPT(nn.Module):
         tokens: mx.array,
         start: mx.array,
         cache: KVCache,
-        context: int,
+        context: int | None,
         row_start: int = 0,
         rows: mx.array | None = None,
     ) -> mx.array:
@@ -226,14 +228,19 @@ class GPT(nn.Module):
         start:  (B,) int32, each row's position of its first new token (= tokens already cached).
         context: how many cache columns to attend over; must be >= max(start) + T. Passing a
                  value rounded up to a bucket keeps the set of shapes (and compiled graphs) small.
+                 None when every row starts at 0 (fresh prompts): attention then stays inside
+                 the chunk, with no gather from the cache (the keys are still written to it).
         Columns past a row's own length are masked, so stale cache contents never leak.
         """
         B, T = tokens.shape
         positions = start[:, None] + mx.arange(T)[None, :]  # (B, T)
         x = self.wte(tokens) + self.wpe(positions)
-        cols = mx.arange(context)
-        allowed = cols[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, context)
-        mask = mx.where(allowed, mx.array(0.0, x.dtype), mx.array(-mx.inf, x.dtype))
+        if context is None:
+            mask = nn.MultiHeadAttention.create_additive_causal_mask(T, dtype=x.dtype)
+        else:
+            cols = mx.arange(context)
+            allowed = cols[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, context)
+            mask = mx.where(allowed, mx.array(0.0, x.dtype), mx.array(-mx.inf, x.dtype))
         for i, block in enumerate(self.h):
             layer_cache = (cache.keys[i], cache.values[i], row_start if rows is None else rows, positions, context, mask)
             x, (cache.keys[i], cache.values[i]) = block(x, layer_cache)

@@ -121,7 +121,7 @@ class ModelRunner:
             mx.array(np.asarray(tokens, dtype=np.int32)[None, :]),
             mx.array([start], dtype=mx.int32),
             self.cache,
-            context_for(start + T, self.max_len),
+            None if start == 0 else context_for(start + T, self.max_len),
             row_start=row,
         )
         logits = self.model.logits(hidden[0] if all_logits else hidden[0, -1])
@@ -153,12 +153,12 @@ class ModelRunner:
                     c = chunks[i]
                     results[i] = self.prefill(c.row, c.tokens, c.start, c.all_logits)
                 continue
-            longest = max(chunks[i].start + len(chunks[i].tokens) for i in group)
+            fresh = not starts.any()  # all prompts start at 0: attention stays inside the chunk
             hidden = self.model.forward_cached(
                 mx.array(tokens),
                 mx.array(starts),
                 self.cache,
-                context_for(max(longest, int(starts.max()) + T), self.max_len),
+                None if fresh else context_for(int(starts.max()) + T, self.max_len),
                 rows=mx.array([chunks[i].row for i in group], dtype=mx.int32),
             )
             last = mx.array([len(chunks[i].tokens) - 1 for i in group])
