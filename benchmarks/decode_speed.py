@@ -12,8 +12,8 @@ on the device MLX picks (or --device). The quantities are the model card's, defi
 - forward 8x512: one `model(tokens)` pass over 8 x 512 random tokens with full logits;
   tok/s = 4096 / mean time, latency mean / p95 / p99 over --forward-runs passes (the card's pass had
   dropout on; ours runs in inference mode);
-- prefill 1x512: 512 tokens through the KV cache with logits at the last position only
-  (what the server does with a prompt); tok/s = 512 / median time.
+- prefill 1x512: `ModelRunner.prefill` of 512 tokens into the KV cache, logits at the last
+  position only (what the server's engine does with a prompt); tok/s = 512 / median time.
 
 Each path runs in its own subprocess, because the BLAS can only be chosen before `mlx.core` loads:
 the stock path gets NANOGPT_MLX_NO_BLAS=1. The stock path is 7-50x slower, so by default it decodes
@@ -47,8 +47,8 @@ def worker(args) -> dict:
     from nanogpt_mlx.model import backend
     from nanogpt_mlx.model.config import ModelConfig
     from nanogpt_mlx.model.generate import generate_tokens
-    from nanogpt_mlx.model.runner import context_for
-    from nanogpt_mlx.model.gpt import GPT, KVCache
+    from nanogpt_mlx.model.runner import ModelRunner
+    from nanogpt_mlx.model.gpt import GPT
     from nanogpt_mlx.model.sampling import SamplingParams
 
     device = backend.select_device(args.device)
@@ -82,13 +82,12 @@ def worker(args) -> dict:
 
     # 1x512 prefill, last-position logits
     if args.prefill_runs:
-        tokens = mx.array(rng.integers(0, 50257, (1, 512)).astype(np.int32))
-        cache = KVCache(model.config, rows=1)
+        tokens = rng.integers(0, 50257, 512).astype(np.int32)
+        runner = ModelRunner(model, max_rows=1)  # what the server's engine prefills with
 
         def prefill_once() -> float:
             start = time.perf_counter()
-            hidden = model.forward_cached(tokens, mx.array([0]), cache, context_for(512, 512))
-            mx.eval(model.logits(hidden[:, -1]))
+            runner.prefill(0, tokens, 0)  # returns the last position's logits as NumPy
             return time.perf_counter() - start
 
         prefill_once()

@@ -66,11 +66,11 @@ def _group_by_length(chunks: list[PrefillChunk]) -> list[list[int]]:
 _COMPILED_DECODE_STEPS: dict[int, dict[int, callable]] = {}
 
 
-def _decode_step_fn(model_ref: weakref.ref, context: int, tokens, positions, keys, values):
+def _decode_step_fn(model_ref: weakref.ref, context: int, tokens, positions, keys, values, head):
     model = model_ref()  # a weak reference: the compiled-step cache must not keep the model alive
     cache = KVCache.wrap(list(keys), list(values))
     hidden = model.forward_cached(tokens, positions, cache, context)
-    return model.logits(hidden[:, 0]), cache.keys, cache.values
+    return hidden[:, 0] @ head, cache.keys, cache.values
 
 
 class ModelRunner:
@@ -79,7 +79,12 @@ class ModelRunner:
         self.max_rows = max_rows
         self.max_len = max_len or model.config.block_size
         self.cache = KVCache(model.config, rows=max_rows, max_len=self.max_len)
+        self.head = model.inference_head()  # (C, V): logits = hidden @ head (see GPT.inference_head)
+        mx.eval(self.head)
         self.compile = compile
+
+    def _logits(self, hidden: mx.array) -> mx.array:
+        return hidden @ self.head
 
     def _decode_step(self, context: int):
         """The decode step for one context bucket, compiled (MLX retraces it per batch size).
@@ -124,8 +129,8 @@ class ModelRunner:
             None if start == 0 else context_for(start + T, self.max_len),
             row_start=row,
         )
-        logits = self.model.logits(hidden[0] if all_logits else hidden[0, -1])
-        return np.array(logits, dtype=np.float32)
+        logits = self._logits(hidden[0] if all_logits else hidden[0, -1:])
+        return np.array(logits, dtype=np.float32) if all_logits else np.array(logits[0], dtype=np.float32)
 
     def prefill_many(self, chunks: list[PrefillChunk]) -> list[np.ndarray]:
         """Prefill several rows' chunks in as few batched calls as padding allows.
@@ -162,11 +167,11 @@ class ModelRunner:
                 rows=mx.array([chunks[i].row for i in group], dtype=mx.int32),
             )
             last = mx.array([len(chunks[i].tokens) - 1 for i in group])
-            last_logits = np.array(self.model.logits(hidden[mx.arange(len(group)), last]), dtype=np.float32)
+            last_logits = np.array(self._logits(hidden[mx.arange(len(group)), last]), dtype=np.float32)
             for b, i in enumerate(group):
                 if chunks[i].all_logits:
                     n = len(chunks[i].tokens)
-                    results[i] = np.array(self.model.logits(hidden[b, :n]), dtype=np.float32)
+                    results[i] = np.array(self._logits(hidden[b, :n]), dtype=np.float32)
                 else:
                     results[i] = last_logits[b]
         return results
@@ -185,6 +190,7 @@ class ModelRunner:
             mx.array(np.asarray(positions, dtype=np.int32)),
             self.cache.keys,
             self.cache.values,
+            self.head,
         )
         return np.array(logits, dtype=np.float32)
 
