@@ -1,4 +1,4 @@
-"""`nanogpt-mlx train | eval | distill`.
+"""`nanogpt-mlx train | eval | distill` (and `publish`, from training/publish.py).
 
 Recipes are TOML files (`training/configs/card.toml` is the card's recipe and the default);
 any key can be overridden with `--set section.key=value`, and the common ones have flags.
@@ -50,6 +50,10 @@ def register_cli(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_eval)
+
+    from nanogpt_mlx.training import publish
+
+    publish.register_cli(subparsers)
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
