@@ -64,8 +64,12 @@ def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
 def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     """Keep the smallest set of most likely tokens whose probability reaches p (nucleus), one row.
 
-    Sorting all 50k logits costs ~3 ms a row, so we first sort only a candidate set that
-    already holds >= p of the mass, widening it when it does not.
+    The nucleus is the first tokens of a stable descending sort (ties: lower id first). An
+    argsort of 50k float64 values costs ~10 ms a row, so neither the ids nor a full sort are
+    needed: the *values* of a candidate set that holds >= p of the mass (widened when it does
+    not) are sorted to find the threshold probability and the count to keep; then every token
+    above the threshold is kept, and of those equal to it the lowest ids, as the stable sort
+    would. The sums are over the same values in the same order, so the set is identical.
     """
     if p >= 1.0:
         return logits
@@ -75,16 +79,19 @@ def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     n = logits.shape[-1]
     width = min(256, n)
     while True:
-        cand = np.argpartition(probs, -width)[-width:] if width < n else np.arange(n)
-        order = cand[np.argsort(-probs[cand], kind="stable")]
-        cum = np.cumsum(probs[order])
+        values = np.partition(probs, n - width)[n - width :] if width < n else probs  # the `width` largest
+        descending = np.sort(values)[::-1]
+        cum = np.cumsum(descending)
         if cum[-1] >= p or width >= n:
             break
         width = min(width * 8, n)
-    keep = int(np.searchsorted(cum, p, side="left")) + 1  # first index where the mass reaches p
-    mask = np.ones(n, dtype=bool)
-    mask[order[:keep]] = False
-    logits[mask] = -np.inf
+    keep = min(int(np.searchsorted(cum, p, side="left")) + 1, len(descending))  # first index reaching p
+    threshold = descending[keep - 1]
+    kept = probs > threshold
+    ties_to_keep = keep - int(np.count_nonzero(kept))
+    if ties_to_keep > 0:
+        kept[np.flatnonzero(probs == threshold)[:ties_to_keep]] = True
+    logits[~kept] = -np.inf
     return logits
 
 

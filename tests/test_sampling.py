@@ -154,6 +154,21 @@ def test_top_p_exact_set_full_vocab(scale, p):
     assert kept == nucleus_reference(logits, p)
 
 
+@pytest.mark.parametrize("p", [0.3, 0.5, 0.95])
+def test_top_p_with_ties_keeps_the_lowest_ids_as_a_stable_sort(p):
+    """Logits from only 7 distinct values: the nucleus boundary falls inside a run of equal
+    probabilities, where the kept tokens must be the lowest ids of that run."""
+    logits = np.random.default_rng(int(p * 100)).integers(0, 7, 50257).astype(np.float32) * 0.5
+    kept = np.flatnonzero(np.isfinite(top_p_filter(logits.copy(), p)))
+    probs = np.exp(logits.astype(np.float64) - logits.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    keep = int(np.searchsorted(np.cumsum(probs[order]), p, side="left")) + 1
+    assert set(kept.tolist()) == set(order[:keep].tolist())
+    boundary = probs[order[keep - 1]]
+    assert (probs[kept] == boundary).sum() < (probs == boundary).sum()  # the boundary really splits a tie
+
+
 def test_top_p_distribution():
     # probs of LOGITS sorted: 0.38, 0.23, 0.14, 0.09, ... ; p = 0.7 keeps tokens 0, 7, 1 (0.75)
     probs = ref_probs(LOGITS)
