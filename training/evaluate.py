@@ -84,14 +84,15 @@ class Evaluator:
         return EvalResult(loss=total_loss / count, tokens=count, seconds=end - start, steady_tokens=steady[0], steady_seconds=steady[1])
 
 
-def run_eval(model_dir: str, data_dir: str, split: str = "val", batch_size: int = 8, seq_len: int | None = None, max_batches: int | None = None, progress: bool = True) -> EvalResult:
+def run_eval(model_dir: str, data_dir: str, split: str = "val", batch_size: int = 8, seq_len: int | None = None, max_batches: int | None = None, progress: bool = True, model: GPT | None = None) -> EvalResult:
+    """Score the checkpoint in `model_dir` (or `model`, already loaded from it) on a split of `data_dir`."""
     from tqdm import tqdm
 
     from nanogpt_mlx.model.checkpoint import load_model
     from nanogpt_mlx.training.data import DataError, TokenShards, sequential_batches
     from nanogpt_mlx.training.recipe import TrainingError
 
-    model = load_model(model_dir)
+    model = model or load_model(model_dir)
     seq_len = seq_len or model.config.block_size
     if seq_len > model.config.block_size:
         raise TrainingError(f"--seq-len {seq_len} exceeds the model's context ({model.config.block_size})")

@@ -99,8 +99,8 @@ def model_card(*, state: dict, recipe: dict, config, params: int, dtype: str, ev
     lines = [
         "# nanogpt-mlx default checkpoint",
         "",
-        f"**Status: {status}.**" if status else "",
-        "",
+        f"**Status: {status}.**" if status else None,
+        "" if status else None,
         f"A {params:,}-parameter GPT-2-style model ({config.n_layer} layers, {config.n_embd} wide, {config.n_head} heads, "
         f"FFN {config.n_inner}, context {config.block_size}, GPT-2 BPE vocabulary of {config.vocab_size:,}, pre-LayerNorm, "
         f"exact erf GELU, {'tied' if config.tie_embeddings else 'separate (untied)'} LM head), trained from scratch by this project's "
@@ -119,14 +119,14 @@ def model_card(*, state: dict, recipe: dict, config, params: int, dtype: str, ev
         "| | |",
         "|---|---|",
         f"| optimizer | AdamW, lr {optim.get('lr')} with {optim.get('warmup_steps')} warm-up steps, cosine to {optim.get('min_lr')}, "
-        f"weight decay {optim.get('weight_decay')}, clip {optim.get('grad_clip')} |" if optim else "",
-        f"| batches (from step: rows x tokens) | {batches} |" if batches else "",
+        f"weight decay {optim.get('weight_decay')}, clip {optim.get('grad_clip')} |" if optim else None,
+        f"| batches (from step: rows x tokens) | {batches} |" if batches else None,
         f"| steps | {step:,}" + (f" of {max_steps:,}" if max_steps else "") + " |",
         f"| tokens seen | {state.get('tokens_seen', 0):,} |",
         f"| wall time | {_fmt_hours(state.get('elapsed_seconds', 0.0))} of training |",
         f"| hardware | {hardware} |",
-        f"| train loss (last logged) | {train_loss:.3f} nats/token |" if train_loss is not None else "",
-        f"| validation loss (at the step saved) | {state['val_loss']:.3f} nats/token |" if state.get("val_loss") is not None else "",
+        f"| train loss (last logged) | {train_loss:.3f} nats/token |" if train_loss is not None else None,
+        f"| validation loss (at the step saved) | {state['val_loss']:.3f} nats/token |" if state.get("val_loss") is not None else None,
         f"| held-out loss, measured for this card | {eval_result.loss:.3f} nats/token over {eval_result.tokens:,} tokens "
         f"(windows of {eval_seq_len}) |",
         f"| held-out perplexity | {eval_result.perplexity:,.1f} |",
@@ -134,7 +134,7 @@ def model_card(*, state: dict, recipe: dict, config, params: int, dtype: str, ev
         "The held-out split is never trained on; how it is cut (the same books of every Bible "
         "translation, the end of each long work, a hash of every other document) is in training/README.md.",
     ]
-    lines = [line for i, line in enumerate(lines) if line or (i and lines[i - 1])]
+    lines = [line for line in lines if line is not None]  # rows of facts the run did not record
     lines += ["", "## Data", ""]
     if sources:
         lines += ["| source | package | licence | train tokens | val tokens |", "|---|---|---|---:|---:|"]
@@ -191,7 +191,7 @@ def publish(run_dir: str | os.PathLike, data_dir: str | os.PathLike, out_dir: st
 
     model = load_model(src)
     seq_len = model.config.block_size
-    result = run_eval(str(src), str(data_dir), split="val", batch_size=8, seq_len=seq_len, max_batches=eval_batches, progress=progress)
+    result = run_eval(str(src), str(data_dir), split="val", batch_size=8, seq_len=seq_len, max_batches=eval_batches, progress=progress, model=model)
     samples = draw_samples(model, get_tokenizer(src))
     hardware = f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, MLX on CPU"
     card = model_card(state=state, recipe=state.get("recipe", {}), config=model.config, params=model.num_params(), dtype=dtype, eval_result=result,
