@@ -10,10 +10,13 @@ every completion has exactly that length), and reports:
     TPOT           per request (last token - first token) / (tokens - 1), mean
 
 Without --model it measures a random-weight model of the full default shape (written to a
-temporary directory), as the peer figures in ../shared/README.md were measured.
+temporary directory), as the peer figures in ../shared/README.md were measured. With --url it
+loads an OpenAI-compatible server that is already running instead (e.g. llama.cpp's
+`llama-server` on a GGUF of the same model, for a side-by-side figure on the same machine).
 
     python -m nanogpt_mlx.benchmarks.serve_load                      # c = 1, 8, 32
     python -m nanogpt_mlx.benchmarks.serve_load --concurrency 32 --requests-per-client 4 --out load.json
+    python -m nanogpt_mlx.benchmarks.serve_load --url http://127.0.0.1:8080        # a running peer
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, t
                     return {"error": chunk["error"]["message"]}
                 if chunk["choices"]:
                     arrivals.append(time.perf_counter())
-                elif chunk.get("usage"):
+                if chunk.get("usage"):  # a usage-only chunk (OpenAI), or usage on the last chunk (llama-server)
                     tokens = chunk["usage"]["completion_tokens"]
     except httpx.HTTPError as exc:
         return {"error": repr(exc)}
@@ -167,7 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--server-arg", action="append", default=[], help="extra `serve` flag (repeatable), e.g. --server-arg=--prefill-chunk=128")
     p.add_argument("--out", default="serve_load.json", help="where to write the JSON results")
+    p.add_argument("--url", help="load this already-running OpenAI-compatible server instead of starting `serve`")
     args = p.parse_args(argv)
+
+    if args.url:
+        levels = run_levels(args.url.rstrip("/"), args)
+        return report(args, levels, server_log="")
 
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         tmp_path = Path(tmp)
@@ -178,11 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         proc = start_server(model_dir, port, args.max_batch, args.server_arg, log_path)
         try:
             wait_healthy(base_url, proc)
-            levels = []
-            for c in args.concurrency:
-                level = asyncio.run(run_level(base_url, c, args.requests_per_client, args.max_tokens, args.temperature))
-                levels.append(level)
-                print(f"concurrency {c}: {level['output_tok_s']:.1f} output tok/s, TTFT p95 {level['ttft_p95_s'] * 1e3:.0f} ms, {level['errors']} errors", flush=True)
+            levels = run_levels(base_url, args)
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -190,10 +194,24 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
             server_log = log_path.read_text()
+    return report(args, levels, server_log)
+
+
+def run_levels(base_url: str, args) -> list[dict]:
+    levels = []
+    for c in args.concurrency:
+        level = asyncio.run(run_level(base_url, c, args.requests_per_client, args.max_tokens, args.temperature))
+        levels.append(level)
+        print(f"concurrency {c}: {level['output_tok_s']:.1f} output tok/s, TTFT p95 {level['ttft_p95_s'] * 1e3:.0f} ms, {level['errors']} errors", flush=True)
+    return levels
+
+
+def report(args, levels: list[dict], server_log: str) -> int:
     print()
     print_table(levels)
     result = {
         "benchmark": "serve_load",
+        "server": args.url or "nanogpt-mlx serve",
         "model": str(args.model or "random full-size (8 x 384, 52,990,464 parameters)"),
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
@@ -205,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
     if any(level["errors"] for level in levels):
-        print(server_log[-3000:], file=sys.stderr)
+        if server_log:
+            print(server_log[-3000:], file=sys.stderr)
         return 1
     return 0
 
