@@ -10,10 +10,13 @@
 #   training/run_default.sh status     # is it running? last log line
 #   training/run_default.sh stop       # SIGTERM: the trainer saves a checkpoint, then exits
 #
-# Outside git: RUN_DIR (default /work/runs/default), DATA (default /work/data/tokens).
+# Outside git: RUN_DIR (default /work/runs/default), DATA (default /work/data/tokens), CORPUS
+# (default /work/data/corpus). If DATA has no manifest yet (a fresh machine), `start` first builds
+# the offline corpus and tokenizes it (~3 minutes), in the same background job.
 set -eu
 RUN_DIR=${RUN_DIR:-/work/runs/default}
 DATA=${DATA:-/work/data/tokens}
+CORPUS=${CORPUS:-/work/data/corpus}
 PIDFILE="$RUN_DIR/train.pid"          # the trainer process
 SUPERVISOR="$RUN_DIR/supervisor.pid"  # the restart loop around it
 mkdir -p "$RUN_DIR"
@@ -36,7 +39,12 @@ case "${1:-start}" in
     ;;
   start)
     if running; then echo "already running (trainer pid $(cat "$PIDFILE" 2>/dev/null))"; exit 0; fi
-    RUN_DIR="$RUN_DIR" DATA="$DATA" PIDFILE="$PIDFILE" nohup sh -c '
+    RUN_DIR="$RUN_DIR" DATA="$DATA" CORPUS="$CORPUS" PIDFILE="$PIDFILE" nohup sh -c '
+      if [ ! -f "$DATA/manifest.json" ]; then
+        echo "no token shards in $DATA: building the corpus in $CORPUS and tokenizing it"
+        python -m nanogpt_mlx.training.corpus --out "$CORPUS" || exit 1
+        nanogpt-mlx prepare-data "$CORPUS/train.jsonl" --val-input "$CORPUS/val.jsonl" --out "$DATA" || exit 1
+      fi
       while :; do
         nanogpt-mlx train --config default-offline --data "$DATA" --out "$RUN_DIR" --resume &
         echo $! >"$PIDFILE"
