@@ -100,7 +100,9 @@ class ModelRunner:
         self.max_rows = max_rows
         self.max_len = max_len or model.config.block_size
         self.cache = KVCache(model.config, rows=max_rows, max_len=self.max_len)
-        self.head = model.inference_head()  # (C, V): logits = hidden @ head (see GPT.inference_head)
+        # A copy of the LM head in the (C, V) layout (see GPT.inference_head), made once: a runner
+        # serves fixed weights; build a new one after changing the model's.
+        self.head = model.inference_head()
         self.vocab_weight = model.wte.weight if model.config.tie_embeddings else model.lm_head.weight  # (V, C)
         mx.eval(self.head)
         self.compile = compile
