@@ -196,6 +196,10 @@ class GPT(nn.Module):
             return self.wte.as_linear(hidden)
         return self.lm_head(hidden)
 
+    def head_weight(self) -> mx.array:
+        """The (vocab, n_embd) matrix that maps hidden states to logits (the embedding when tied)."""
+        return self.wte.weight if self.config.tie_embeddings else self.lm_head.weight
+
     def inference_head(self) -> mx.array:
         """The LM head as a row-contiguous (n_embd, vocab) matrix, so logits are `hidden @ head`.
 
@@ -204,8 +208,7 @@ class GPT(nn.Module):
         1 x 384 x 50,257: 8.7 -> 3.1 ms, the largest single cost of a batch-1 decode step) and
         32 rows 1.2x. A copy (77 MB in fp32) that inference code makes once per runner.
         """
-        weight = self.wte.weight if self.config.tie_embeddings else self.lm_head.weight
-        return mx.contiguous(weight.T)
+        return mx.contiguous(self.head_weight().T)
 
     def __call__(self, tokens: mx.array) -> mx.array:
         """Training / scoring: (B, T) token ids -> (B, T, vocab) logits, positions 0..T-1."""

@@ -103,7 +103,7 @@ class ModelRunner:
         # A copy of the LM head in the (C, V) layout (see GPT.inference_head), made once: a runner
         # serves fixed weights; build a new one after changing the model's.
         self.head = model.inference_head()
-        self.vocab_weight = model.wte.weight if model.config.tie_embeddings else model.lm_head.weight  # (V, C)
+        self.vocab_weight = model.head_weight()  # (V, C)
         mx.eval(self.head)
         self.compile = compile
 

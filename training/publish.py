@@ -124,7 +124,7 @@ def model_card(*, state: dict, recipe: dict, config, params: int, dtype: str, ev
         f"| steps | {step:,}" + (f" of {max_steps:,}" if max_steps else "") + " |",
         f"| tokens seen | {state.get('tokens_seen', 0):,} |",
         f"| wall time | {_fmt_hours(state.get('elapsed_seconds', 0.0))} of training |",
-        f"| hardware | {hardware} |",
+        f"| hardware (where this card was measured) | {hardware} |",
         f"| train loss (last logged) | {train_loss:.3f} nats/token |" if train_loss is not None else None,
         f"| validation loss (at the step saved) | {state['val_loss']:.3f} nats/token |" if state.get("val_loss") is not None else None,
         f"| held-out loss, measured for this card | {eval_result.loss:.3f} nats/token over {eval_result.tokens:,} tokens "
@@ -158,7 +158,8 @@ def model_card(*, state: dict, recipe: dict, config, params: int, dtype: str, ev
         "## Samples",
         "",
         f"Unedited, up to {SAMPLE_TOKENS} tokens each (ending early at `<|endoftext|>`), temperature {SAMPLE_SETTINGS['temperature']}, top-k {SAMPLE_SETTINGS['top_k']}, "
-        "seeds 0, 1, 2 (`nanogpt-mlx generate --prompt P --temperature 0.8 --top-k 40 --seed S --max-tokens 60`):",
+        f"seeds {', '.join(str(s.seed) for s in samples)} (`nanogpt-mlx generate --prompt P --temperature {SAMPLE_SETTINGS['temperature']} "
+        f"--top-k {SAMPLE_SETTINGS['top_k']} --seed S --max-tokens {SAMPLE_TOKENS}`):",
         "",
     ]
     for s in samples:
@@ -193,7 +194,10 @@ def publish(run_dir: str | os.PathLike, data_dir: str | os.PathLike, out_dir: st
     seq_len = model.config.block_size
     result = run_eval(str(src), str(data_dir), split="val", batch_size=8, seq_len=seq_len, max_batches=eval_batches, progress=progress, model=model)
     samples = draw_samples(model, get_tokenizer(src))
-    hardware = f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, MLX on CPU"
+    import mlx.core as mx
+
+    device = "GPU" if mx.default_device() == mx.gpu else "CPU"
+    hardware = f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, MLX on {device}"
     card = model_card(state=state, recipe=state.get("recipe", {}), config=model.config, params=model.num_params(), dtype=dtype, eval_result=result,
                       eval_seq_len=seq_len, train_loss=last_train_loss(run_dir, state.get("step", 0)), samples=samples,
                       sources=sources, hardware=hardware, status=status)
