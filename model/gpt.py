@@ -64,14 +64,28 @@ class KVCache:
             self.values[layer][dst] = rows[n + layer]
 
 
+class Linear(nn.Linear):
+    """`nn.Linear` as a matmul followed by the bias add.
+
+    MLX's CPU `addmm` (what `nn.Linear` calls) first writes the broadcast bias into the output
+    and then runs the GEMM with beta = 1, an extra pass over the output; the add alone is fused
+    by the JIT into whatever elementwise op follows (GELU, the residual). A batched prefill of
+    32 x 41 tokens ran ~10% faster this way (AVX2 machine).
+    """
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = x @ self.weight.T
+        return y + self.bias if "bias" in self else y
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_head = config.n_head
         self.head_dim = config.head_dim
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=True)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=True)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=True)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=True)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
 
     def _split_heads(self, x: mx.array) -> mx.array:
@@ -136,8 +150,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.n_inner, bias=True)
-        self.c_proj = nn.Linear(config.n_inner, config.n_embd, bias=True)
+        self.c_fc = Linear(config.n_embd, config.n_inner, bias=True)
+        self.c_proj = Linear(config.n_inner, config.n_embd, bias=True)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
 
     def __call__(self, x: mx.array) -> mx.array:
