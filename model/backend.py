@@ -182,51 +182,6 @@ def blas_threads() -> int | None:
         return None
 
 
-_VML_HA = 0x2  # MKL vector math: high-accuracy mode (~1 ulp; as fast as the others here)
-
-
-def _mkl_exp():
-    """MKL's `vmsExp`, when MKL is the loaded BLAS; None otherwise."""
-    if _BLAS_HANDLE is None or REPORT.blas_name != "mkl":
-        return None
-    try:
-        fn = _BLAS_HANDLE.vmsExp
-    except AttributeError:
-        return None
-    fn.restype = None
-    fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    return fn
-
-
-_VMS_EXP = None
-_VMS_EXP_LOOKED_UP = False
-
-
-def host_exp(x, out):
-    """out[:] = exp(x) for C-contiguous float32 NumPy arrays of the same size; returns out.
-
-    Give it a separate `out`: MKL's threaded exp in place ran ~4x slower than out of place.
-
-    Sampling exponentiates every logit of every row each step. NumPy's float32 exp runs at
-    ~2.5 ns an element on the AVX2 machine; MKL's vector math (multithreaded) at ~0.7 ns with
-    the same accuracy, so with MKL loaded it is used, and NumPy's exp otherwise.
-    """
-    import numpy as np
-
-    global _VMS_EXP, _VMS_EXP_LOOKED_UP
-    if not _VMS_EXP_LOOKED_UP:
-        _VMS_EXP, _VMS_EXP_LOOKED_UP = _mkl_exp(), True
-    usable = (
-        _VMS_EXP is not None
-        and x.dtype == np.float32 and out.dtype == np.float32 and x.size == out.size
-        and x.flags.c_contiguous and out.flags.c_contiguous
-    )
-    if not usable:
-        return np.exp(x, out=out.reshape(x.shape))
-    _VMS_EXP(x.size, x.ctypes.data, out.ctypes.data, _VML_HA)
-    return out
-
-
 def loaded_blas_libraries() -> list[str]:
     """Shared objects mapped into this process whose name says BLAS, read from /proc/self/maps."""
     try:

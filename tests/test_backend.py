@@ -175,26 +175,3 @@ def test_info_without_blas(run_cli):
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"^blas: reference", proc.stdout, re.M), proc.stdout
     assert "GFLOP/s" in proc.stdout
-
-
-@needs_mkl
-def test_host_exp_uses_mkl_and_matches_numpy():
-    """`host_exp` (sampling's exp) runs MKL's vmsExp here, within 2 ulp of NumPy's exp; arrays
-    it cannot hand to MKL (strided, float64) go to NumPy and get the same answer."""
-    import numpy as np
-
-    from nanogpt_mlx.model import backend
-
-    x = np.random.default_rng(0).normal(0.0, 8.0, 50257).astype(np.float32)
-    x[:3] = [-np.inf, -80.0, 0.0]
-    out = backend.host_exp(x, np.empty_like(x))
-    assert backend._VMS_EXP is not None  # the MKL path was taken
-    ref = np.exp(x)
-    assert out[0] == 0.0 and out[2] == 1.0
-    normal = ref >= np.finfo(np.float32).tiny  # denormals are flushed to zero here (FTZ/DAZ)
-    ulps = np.abs(out.view(np.int32).astype(np.int64) - ref.view(np.int32).astype(np.int64))[normal]
-    assert normal.sum() > 45000 and int(ulps.max()) <= 2
-    strided = x[::2]
-    assert np.array_equal(backend.host_exp(strided, np.empty_like(strided)), np.exp(strided))
-    doubles = x.astype(np.float64)
-    assert np.array_equal(backend.host_exp(doubles, np.empty_like(doubles)), np.exp(doubles))
