@@ -143,6 +143,59 @@ def test_chunked_prefill_gives_the_same_tokens_as_one_chunk(tiny_checkpoint, pro
     assert results[0] == results[1]
 
 
+def test_a_burst_is_prefilled_in_several_forwards_before_the_next_decode(tiny_checkpoint, prompts):
+    """6 prompts arriving together, prefill_chunk 200 in forwards of 40 tokens: all prefilled
+    before any decode step, in several forwards, and the first prompts' first tokens reach the
+    event loop while later forwards still run."""
+    burst = [p for p in prompts if 10 <= len(p) <= 35][:6]
+    assert len(burst) == 6 and sum(map(len, burst)) <= 200
+    calls: list[tuple[str, float, float]] = []  # (kind, start, end)
+
+    def record(runner):
+        prefill_many, decode = runner.prefill_many, runner.decode
+
+        def timed_prefill(chunks):
+            start = time.monotonic()
+            time.sleep(0.05)  # room for the event loop to take earlier first tokens
+            out = prefill_many(chunks)
+            calls.append(("prefill", start, time.monotonic()))
+            return out
+
+        def timed_decode(tokens, positions):
+            start = time.monotonic()
+            out = decode(tokens, positions)
+            calls.append(("decode", start, time.monotonic()))
+            return out
+
+        runner.prefill_many, runner.decode = timed_prefill, timed_decode
+        return runner
+
+    model = load_model(tiny_checkpoint)
+    engine = make_engine(tiny_checkpoint, runner_wrapper=record, max_batch=8, prefill_chunk=200, prefill_forward=40)
+    try:
+        async def go():
+            calls.clear()
+            first_token_at: dict[int, float] = {}
+            got: list[list[int]] = [[] for _ in burst]
+            # one submission, so the engine admits all six in the same step
+            async for i, out in engine.submit([greedy(p, 4) for p in burst]):
+                if out.token_ids and i not in first_token_at:
+                    first_token_at[i] = time.monotonic()
+                got[i] += out.token_ids
+            return got, first_token_at
+
+        results, first_token_at = asyncio.run(go())
+    finally:
+        engine.shutdown()
+    assert results == [reference_greedy(model, p, 4) for p in burst]
+    kinds = [k for k, _, _ in calls]
+    first_decode = kinds.index("decode")
+    prefills = [c for c in calls[:first_decode] if c[0] == "prefill"]
+    assert first_decode == len(prefills) >= 3 and "prefill" not in kinds[first_decode:]
+    # the earliest first token arrived before the last forward of the burst ended
+    assert min(first_token_at.values()) < prefills[-1][2]
+
+
 def test_stop_string_cuts_the_text_and_ends_the_sequence(tiny_checkpoint):
     tokenizer = get_tokenizer(tiny_checkpoint)
     prompt = tokenizer.encode("The quick brown fox")
@@ -397,15 +450,17 @@ def test_rows_stay_consistent_under_random_arrivals_cancellations_and_long_promp
 
 def test_slot_bookkeeping_under_scripted_schedules():
     """Drive the engine step by step (no thread) through random schedules of arrivals and
-    cancellations with 2-4 slots and prefill chunks of 2-7 tokens, so holes, moves, multi-step
-    prefills and immediate finishes interleave in every order; the engine's own invariant
+    cancellations with 2-4 slots, prefill chunks of 2-7 tokens in forwards of 1-7, so holes, moves,
+    multi-step prefills, several prefill forwards a step and immediate finishes interleave in every order; the engine's own invariant
     checks (rows 0..B-1 running, no prefill below B) run at every step."""
     tokenizer = get_tokenizer()
 
     async def schedule(seed: int) -> int:
         rng = np.random.default_rng(seed)
         max_batch = int(rng.integers(2, 5))
-        engine = Engine(BookkeepingRunner, tokenizer, max_batch=max_batch, max_queue=1000, max_len=128, prefill_chunk=int(rng.integers(2, 8)))
+        chunk = int(rng.integers(2, 8))
+        engine = Engine(BookkeepingRunner, tokenizer, max_batch=max_batch, max_queue=1000, max_len=128, prefill_chunk=chunk,
+                        prefill_forward=int(rng.integers(1, chunk + 1)))
         engine._runner = BookkeepingRunner(max_batch + 1)
         engine.state, engine._thread = "ready", threading.current_thread()
         jobs = []
