@@ -156,7 +156,7 @@ def test_a_burst_is_prefilled_in_several_forwards_before_the_next_decode(tiny_ch
 
         def timed_prefill(chunks):
             start = time.monotonic()
-            time.sleep(0.05)  # room for the event loop to take earlier first tokens
+            time.sleep(0.2)  # room for the event loop to take earlier first tokens
             out = prefill_many(chunks)
             calls.append(("prefill", start, time.monotonic()))
             return out
