@@ -269,6 +269,8 @@ class GPT(nn.Module):
                  None when every row starts at 0 (fresh prompts): attention then stays inside
                  the chunk, with no gather from the cache (the keys are still written to it).
         Columns past a row's own length are masked, so stale cache contents never leak.
+        With T > 1 (prefill) `start` and `rows` are read on the host for the cache writes, so
+        only the one-token (decode) form can run inside `mx.compile`.
         """
         B, T = tokens.shape
         positions = start[:, None] + mx.arange(T)[None, :]  # (B, T)
