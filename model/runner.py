@@ -163,8 +163,8 @@ class ModelRunner:
         A burst of new requests would otherwise pay one ~200-op forward each; batching them is
         what keeps time-to-first-token flat under load. Chunks are grouped by length so padding
         costs at most `PAD_WASTE` of the real work; pad tokens go to positions past each row's
-        chunk (clamped to the last cache column), which the row overwrites before it ever
-        attends to them. Returns, per chunk in the given order, what `prefill` would.
+        chunk, which the row overwrites before it ever attends to them (a group whose padding
+        would run past the cache is prefilled row by row instead). Returns, per chunk in the given order, what `prefill` would.
         """
         results: list[np.ndarray | None] = [None] * len(chunks)
         for group in _group_by_length(chunks):
