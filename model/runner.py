@@ -18,6 +18,7 @@ from functools import partial
 import mlx.core as mx
 import numpy as np
 
+from nanogpt_mlx.model import cpu_streams
 from nanogpt_mlx.model.gpt import GPT, KVCache
 
 
@@ -235,3 +236,4 @@ class ModelRunner:
         """
         if hasattr(mx, "clear_streams"):
             mx.clear_streams()
+        cpu_streams.release()

@@ -123,7 +123,8 @@ def greedy(logits: np.ndarray) -> int:
 
 
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
-    logits /= temperature
+    if temperature != 1.0:
+        logits /= temperature
     return logits
 
 
@@ -131,21 +132,29 @@ SAMPLE_BLOCK = 256  # vocabulary block size of the two-level inverse CDF in `sam
 
 
 def sample(logits: np.ndarray, rng: np.random.Generator) -> int:
-    """Draw from softmax(logits) with one uniform number (inverse CDF), in two levels.
+    """Draw from softmax(logits) with one uniform number (inverse CDF), in two levels; `logits`
+    is overwritten with the unnormalized weights.
 
     A float64 cumulative sum over all 50k probabilities is sequential and was ~40% of a
     32-row engine step. Summing blocks of 256 (vectorized), picking the block by the CDF of the
     ~200 block sums, then the token by the CDF inside that block draws from exactly the same
-    distribution, with the same single uniform, at a fraction of the cost.
+    distribution, with the same single uniform, at a fraction of the cost. The block sums are
+    float32 pairwise sums (~1e-7 relative, as exact as the float32 weights themselves): half the
+    time of a float64 `reduceat`.
     """
-    weights = np.exp(logits - logits.max())  # unnormalized; float32 exp is the SIMD fast path
-    starts = np.arange(0, len(weights), SAMPLE_BLOCK)
-    block_cdf = np.cumsum(np.add.reduceat(weights, starts, dtype=np.float64))
+    weights = np.exp(np.subtract(logits, logits.max(), out=logits), out=logits)  # float32 exp: the SIMD path
+    n = len(weights)
+    full = n - n % SAMPLE_BLOCK
+    block_sums = weights[:full].reshape(-1, SAMPLE_BLOCK).sum(axis=1)
+    if full < n:
+        block_sums = np.append(block_sums, weights[full:].sum())
+    block_cdf = np.cumsum(block_sums, dtype=np.float64)
     u = rng.random() * block_cdf[-1]
     block = min(int(np.searchsorted(block_cdf, u, side="right")), len(block_cdf) - 1)
     u -= block_cdf[block - 1] if block else 0.0
-    inner_cdf = np.cumsum(weights[starts[block] : starts[block] + SAMPLE_BLOCK], dtype=np.float64)
-    return int(starts[block]) + min(int(np.searchsorted(inner_cdf, u, side="right")), len(inner_cdf) - 1)
+    start = block * SAMPLE_BLOCK
+    inner_cdf = np.cumsum(weights[start : start + SAMPLE_BLOCK], dtype=np.float64)
+    return start + min(int(np.searchsorted(inner_cdf, u, side="right")), len(inner_cdf) - 1)
 
 
 def choose_token(

@@ -347,3 +347,74 @@ def test_loaded_model_is_in_inference_mode(tmp_path, random_model, tiny_config):
     model.eval()
     assert np.array_equal(a, b)
     assert np.abs(a - np.array(model(toks))).max() <= 1e-6
+
+
+# --- attention split over CPU streams (decode steps of many rows) ----------------------------------
+def test_wide_decode_split_over_cpu_streams_equals_one_stream(random_model, tiny_config, monkeypatch):
+    """20 rows decode with their attention heads split over this thread's CPU streams; the
+    logits equal the one-stream step (uncompiled, so it reads the switch) and each row's full forward."""
+    from nanogpt_mlx.model import cpu_streams, gpt
+
+    monkeypatch.setattr(cpu_streams.os, "cpu_count", lambda: 2)  # split even on a 1-core machine
+    head_groups = []
+    original = gpt.CausalSelfAttention._attend_heads
+    monkeypatch.setattr(gpt.CausalSelfAttention, "_attend_heads",
+                        lambda self, q, k, v, mask: (head_groups.append(q.shape[1]), original(self, q, k, v, mask))[1])
+    model = random_model(tiny_config, seed=11)
+    rows = max(gpt.SPLIT_MIN_ROWS, 20)
+    prompts = [tokens(60 + r, (3 + 5 * r,)).tolist() for r in range(rows)]
+    positions = np.array([len(p) for p in prompts])
+    outputs = {}
+    for split in (True, False):
+        cpu_streams.set_enabled(split)
+        try:
+            runner = ModelRunner(model, max_rows=rows, compile=split)  # compiled steps keep the first trace
+            runner.prefill_many([PrefillChunk(r, p, 0) for r, p in enumerate(prompts)])
+            head_groups.clear()
+            outputs[split] = runner.decode(np.full(rows, 7), positions)
+            groups_per_layer = len(head_groups) / tiny_config.n_layer
+            assert groups_per_layer == (min(len(cpu_streams.streams()), tiny_config.n_head) if split else 1), head_groups
+        finally:
+            cpu_streams.set_enabled(True)
+    assert len(cpu_streams.streams()) >= 2  # so the first step really split its heads
+    assert np.abs(outputs[True] - outputs[False]).max() <= 1e-5
+    for r in (0, rows // 2, rows - 1):
+        assert np.abs(outputs[True][r] - full_logits(model, prompts[r] + [7])[-1]).max() <= 1e-5
+
+
+def test_a_model_decodes_on_a_second_thread_after_the_first_traced_it(random_model, tiny_config, monkeypatch):
+    """A trace of the decode step holds the tracing thread's streams, which other threads cannot
+    use: a runner of the same model on a new thread (the server's engine) must still work, and
+    `close` forgets that thread's streams."""
+    import threading
+
+    from nanogpt_mlx.model import cpu_streams, gpt
+
+    monkeypatch.setattr(cpu_streams.os, "cpu_count", lambda: 2)
+    model = random_model(tiny_config, seed=12)
+    rows = gpt.SPLIT_MIN_ROWS
+    prompts = [tokens(80 + r, (4 + r,)).tolist() for r in range(rows)]
+    positions = np.array([len(p) for p in prompts])
+
+    def decode_on_this_thread(result: dict, close: bool):
+        try:
+            runner = ModelRunner(model, max_rows=rows)
+            runner.prefill_many([PrefillChunk(r, p, 0) for r, p in enumerate(prompts)])
+            result["logits"] = runner.decode(np.full(rows, 3), positions)
+            result["streams"] = cpu_streams.streams()
+            if close:  # not on pytest's thread: clear_streams would end its streams for later tests
+                runner.close()
+                result["streams_after_close"] = getattr(cpu_streams._local, "streams", ())
+        except Exception as exc:  # reported to the main thread below
+            result["error"] = exc
+
+    here = {}
+    decode_on_this_thread(here, close=False)
+    there = {}
+    thread = threading.Thread(target=decode_on_this_thread, args=(there, True))
+    thread.start()
+    thread.join(60)
+    assert "error" not in here and "error" not in there, (here.get("error"), there.get("error"))
+    assert len(here["streams"]) >= 2 and len(there["streams"]) >= 2 and set(here["streams"]).isdisjoint(there["streams"])
+    assert there["streams_after_close"] == ()
+    assert np.abs(here["logits"] - there["logits"]).max() <= 1e-5

@@ -131,6 +131,37 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch(tiny_checkpoint, promp
     assert other_seed[0]["tokens"] != alone[0]["tokens"]
 
 
+def test_a_full_batch_of_mixed_sampling_settings_equals_each_sequence_alone(tiny_checkpoint, prompts):
+    """16 seeded sequences with different sampling settings (temperatures, top-p, top-k,
+    penalties, greedy, logprobs) are prefilled in one forward and decode together; every one
+    draws exactly what it draws alone."""
+    settings = [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9), dict(temperature=1.3, top_k=20),
+                dict(temperature=1.0, presence_penalty=0.8, frequency_penalty=0.3), dict(temperature=0.0)]
+    requests = [SequenceRequest(prompt=prompts[i], max_tokens=12, ignore_eos=True,
+                                params=SamplingParams(seed=100 + i, logprobs=(2 if i % 3 == 0 else None), **settings[i % len(settings)]))
+                for i in range(16)]
+    batch_sizes = []
+
+    def record_batches(runner):
+        original = runner.decode
+        runner.decode = lambda tokens, positions: (batch_sizes.append(len(tokens)), original(tokens, positions))[1]
+        return runner
+
+    engine = make_engine(tiny_checkpoint, runner_wrapper=record_batches, max_batch=16, prefill_chunk=1024)
+    try:
+        together = run(engine, requests)
+        assert batch_sizes.count(16) >= 11, batch_sizes  # all rows decoded together
+        del batch_sizes[:]
+        alone = [run(engine, [r])[0] for r in requests]
+    finally:
+        engine.shutdown()
+    assert max(batch_sizes) == 1
+    for got, want in zip(together, alone):
+        assert got["tokens"] == want["tokens"] and len(got["tokens"]) == 12
+        assert [lp.token for lp in got["logprobs"]] == [lp.token for lp in want["logprobs"]]
+    assert len({tuple(r["tokens"]) for r in together}) == 16
+
+
 def test_chunked_prefill_gives_the_same_tokens_as_one_chunk(tiny_checkpoint, prompts):
     long_prompt = [t for p in prompts[:6] for t in p][:100]
     results = []

@@ -1,0 +1,56 @@
+"""Extra MLX CPU streams, so independent pieces of one forward pass run on several cores.
+
+MLX executes the ops of a CPU stream one after another on that stream's thread. The matmuls
+inside use every core (MKL threads them), but everything else runs on one: softmax, the many
+small per-head matmuls of attention, normalization. Ops placed on *different* streams run
+concurrently, and MLX inserts the waits where one stream's output feeds another's op. The model
+splits attention over the heads this way (see `gpt.CausalSelfAttention`): at 32 decoding rows
+and 128 cached positions, attention of all 8 layers took ~14 instead of ~25 ms on the 2-core
+AVX2 machine (benchmarks/README.md).
+
+MLX streams belong to the thread that made them (using one on another thread raises), so each
+thread gets its own set, made on first use; `mx.compile` traces a function again on each thread,
+so a compiled step that split its attention on one thread also works on the next. `release()`
+forgets the calling thread's set; call it with `mx.clear_streams()` before that thread ends.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import mlx.core as mx
+
+MAX_STREAMS = 4  # a cap, not a measured optimum: only 2 cores were at hand to measure
+
+_local = threading.local()
+_enabled = True
+
+
+def set_enabled(enabled: bool) -> None:
+    """Benchmarks switch the split off to compare side by side."""
+    global _enabled
+    _enabled = enabled
+
+
+def stream_count() -> int:
+    """How many streams to split over: one per core (up to MAX_STREAMS), on the CPU only."""
+    if not _enabled or mx.default_device() != mx.cpu:
+        return 1
+    return max(1, min(MAX_STREAMS, os.cpu_count() or 1))
+
+
+def streams() -> tuple[mx.Stream, ...]:
+    """This thread's CPU streams to split work over; empty when there is nothing to gain."""
+    count = stream_count()
+    if count < 2:
+        return ()
+    mine = getattr(_local, "streams", ())
+    if len(mine) != count:
+        mine = _local.streams = tuple(mx.new_stream(mx.cpu) for _ in range(count))
+    return mine
+
+
+def release() -> None:
+    """Forget this thread's streams (they die with `mx.clear_streams()` or the thread)."""
+    _local.__dict__.clear()
