@@ -18,6 +18,7 @@ so a benchmark can measure the stock path side by side.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import glob
@@ -180,6 +181,27 @@ def blas_threads() -> int | None:
         return int(_BLAS_HANDLE.MKL_Get_Max_Threads())
     except AttributeError:
         return None
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """Make the optimized BLAS use one thread per call for the duration (yields whether it could).
+
+    For work split over several MLX CPU streams (see cpu_streams): each stream's matmuls then run
+    on their own core, where two streams of matmuls each asking MKL for every core would
+    oversubscribe them (measured 4 % slower than one stream, against 19 % faster with one
+    thread each; benchmarks/README.md). Only MKL can be told; other libraries yield False.
+    Process-wide, so only for code that owns the process's MLX work while it runs (the engine).
+    """
+    if _BLAS_HANDLE is None or REPORT.blas_name != "mkl":
+        yield False
+        return
+    previous = int(_BLAS_HANDLE.MKL_Get_Max_Threads())
+    _BLAS_HANDLE.MKL_Set_Num_Threads(ctypes.c_int(1))
+    try:
+        yield True
+    finally:
+        _BLAS_HANDLE.MKL_Set_Num_Threads(ctypes.c_int(previous))
 
 
 def loaded_blas_libraries() -> list[str]:

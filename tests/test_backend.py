@@ -156,6 +156,20 @@ def test_prepare_runtime_is_idempotent():
 
 
 @needs_mkl
+def test_single_threaded_blas_holds_mkl_to_one_thread_and_restores_it():
+    from nanogpt_mlx.model import backend
+
+    before = backend.blas_threads()
+    with backend.single_threaded_blas() as limited:
+        assert limited and backend.blas_threads() == 1
+    assert backend.blas_threads() == before
+    with pytest.raises(KeyError):
+        with backend.single_threaded_blas():
+            raise KeyError("restored on errors too")
+    assert backend.blas_threads() == before
+
+
+@needs_mkl
 def test_info_prints_mkl_and_gflops(run_cli):
     proc = run_cli("info")
     assert proc.returncode == 0, proc.stderr

@@ -418,3 +418,39 @@ def test_a_model_decodes_on_a_second_thread_after_the_first_traced_it(random_mod
     assert len(here["streams"]) >= 2 and len(there["streams"]) >= 2 and set(here["streams"]).isdisjoint(there["streams"])
     assert there["streams_after_close"] == ()
     assert np.abs(here["logits"] - there["logits"]).max() <= 1e-5
+
+
+def test_batched_prefill_split_over_cpu_streams_equals_one_stream(random_model, tiny_config, monkeypatch):
+    """A batched prefill runs its rows in parts on separate CPU streams (MKL on one thread each):
+    the logits and the cache it leaves equal the one-stream prefill, and MKL's threads are
+    restored afterwards."""
+    from nanogpt_mlx.model import backend, cpu_streams
+    from nanogpt_mlx.model.runner import ModelRunner as Runner
+
+    monkeypatch.setattr(cpu_streams.os, "cpu_count", lambda: 2)
+    parts = []
+    original = Runner._forward_part
+    monkeypatch.setattr(Runner, "_forward_part", lambda self, part, stream: (parts.append(len(part)), original(self, part, stream))[1])
+    model = random_model(tiny_config, seed=13)
+    prompts = [tokens(90 + r, (20 + r % 3,)).tolist() for r in range(7)]
+    chunks = [PrefillChunk(r, p, 0, all_logits=(r == 5)) for r, p in enumerate(prompts)]
+    threads_before = backend.blas_threads()
+    results = {}
+    for split in (True, False):
+        cpu_streams.set_enabled(split)
+        try:
+            parts.clear()
+            runner = ModelRunner(model, max_rows=8)
+            logits = runner.prefill_many(chunks)
+            next_step = runner.decode(np.full(7, 3), np.array([len(p) for p in prompts]))  # reads the cache
+            results[split] = (logits, next_step, sorted(parts))
+        finally:
+            cpu_streams.set_enabled(True)
+    assert results[True][2] == [3, 4] and results[False][2] == [7]  # two parts of one group / one forward
+    assert backend.blas_threads() == threads_before
+    for a, b in zip(results[True][0], results[False][0]):
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5
+    assert results[True][0][5].shape == (len(prompts[5]), tiny_config.vocab_size)  # all positions for logprobs
+    assert np.abs(results[True][1] - results[False][1]).max() <= 1e-5
+    for r in (0, 6):
+        assert np.abs(results[True][0][r] - full_logits(model, prompts[r])[-1]).max() <= 1e-5
