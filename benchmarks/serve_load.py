@@ -2,7 +2,8 @@
 
 Starts the server itself on 127.0.0.1 (a free port), then for each concurrency level C runs C
 clients that each send streaming completions back to back (64 new tokens each, `ignore_eos` so
-every completion has exactly that length), and reports:
+every completion has exactly that length; every prompt unique, so no server's prompt cache
+helps), and reports:
 
     output tok/s   completion tokens of the level / its wall time (first send to last byte)
     TTFT           send -> first streamed token, p50 / p95 over requests
@@ -26,6 +27,7 @@ import asyncio
 import json
 import os
 import platform
+import secrets
 import signal
 import socket
 import statistics
@@ -109,12 +111,15 @@ async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, t
 
 
 async def run_level(base_url: str, concurrency: int, per_client: int, max_tokens: int, temperature: float) -> dict:
+    # Every prompt is new and differs from the others from its second token on: a server with a
+    # prompt cache (llama-server reuses a slot's KV for a repeated prompt or prefix, then
+    # evaluates 1 token instead of ~40) must not be measured on prompts it has already seen.
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=base_url, timeout=300, limits=limits) as client:
         await one_request(client, "warm up " + PASSAGE, 8, temperature)
 
         async def worker(w: int) -> list[dict]:
-            return [await one_request(client, f"Request {w}-{i}. {PASSAGE}", max_tokens, temperature) for i in range(per_client)]
+            return [await one_request(client, f"Request {secrets.token_hex(4)}-{w}-{i}. {PASSAGE}", max_tokens, temperature) for i in range(per_client)]
 
         started = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(worker(w) for w in range(concurrency))) for r in rs]
