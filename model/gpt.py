@@ -11,7 +11,6 @@ so rows of different lengths decode together in one batched step.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import mlx.core as mx
@@ -80,9 +79,10 @@ class Linear(nn.Linear):
 
 
 # Decode steps of at least this many rows split their attention over CPU streams. Measured on the
-# 2-core AVX2 machine (one stream -> split): 32 rows 0.80-0.90 of the time; 8 rows and 1 row
-# 1.06 (the hand-offs between streams cost more than they save); prefills 1.03-1.07 (their
-# per-head matmuls are large enough for MKL to thread, and two streams oversubscribe the cores).
+# 2-core AVX2 machine, whole decode step split / one stream: 32 rows 0.81-0.92, 16-24 rows
+# 0.94-0.95, 8 rows 1.01, 1 row 1.06 (the hand-offs between streams cost what they save);
+# prefills 1.03-1.07 (their per-head matmuls are large enough for MKL to thread, and two
+# streams of them oversubscribe the cores; prefills split their rows instead, see ModelRunner).
 SPLIT_MIN_ROWS = 16
 
 
@@ -111,7 +111,7 @@ class CausalSelfAttention(nn.Module):
             y = self._attend(q, k, v, mask)
             new_cache = None
         else:
-            keys, values, rows, write_pos, spans, context, mask, write_stream = cache
+            keys, values, rows, write_pos, spans, context, mask = cache
             if spans is None:
                 # One new token per row (decode): scatter the new keys/values (B, H, 1, D) into
                 # each row at its own position. All three index arrays are adjacent, which MLX
@@ -125,13 +125,9 @@ class CausalSelfAttention(nn.Module):
                 # A chunk of T tokens per row (prefill): one in-place slice copy per row. MLX's
                 # CPU scatter costs ~15 ns an element, which made the cache writes ~20% of a
                 # 32 x 42-token batched prefill; the slice copies run at memcpy speed.
-                # With `write_stream`, the writes go to the stream that owns the cache even when
-                # this forward runs on another: MLX updates a buffer in place only on its own
-                # stream (writes chained across streams copied the whole cache, ~1.35x slower).
-                with mx.stream(write_stream) if write_stream is not None else contextlib.nullcontext():
-                    for b, (row, begin) in enumerate(spans):
-                        keys[row, :, begin : begin + T] = k[b]
-                        values[row, :, begin : begin + T] = v[b]
+                for b, (row, begin) in enumerate(spans):
+                    keys[row, :, begin : begin + T] = k[b]
+                    values[row, :, begin : begin + T] = v[b]
             if context is None:  # fresh prompts (all start at 0): the chunk is all there is to see
                 k_ctx, v_ctx = k, v
             elif isinstance(rows, mx.array):  # scattered rows (batched prefill): gather a copy
@@ -288,7 +284,6 @@ class GPT(nn.Module):
         context: int | None,
         row_start: int = 0,
         rows: mx.array | None = None,
-        write_stream: mx.Stream | None = None,
     ) -> mx.array:
         """Run T new tokens per row through the cache; return final hidden states (B, T, C).
 
@@ -299,8 +294,6 @@ class GPT(nn.Module):
                  value rounded up to a bucket keeps the set of shapes (and compiled graphs) small.
                  None when every row starts at 0 (fresh prompts): attention then stays inside
                  the chunk, with no gather from the cache (the keys are still written to it).
-        write_stream: where a prefill's cache writes run, when the forward itself runs on another
-                 stream (several parts of one prefill at once, see ModelRunner.prefill_many).
         Columns past a row's own length are masked, so stale cache contents never leak.
         With T > 1 (prefill) `start` and `rows` are read on the host for the cache writes, so
         only the one-token (decode) form can run inside `mx.compile`.
@@ -319,7 +312,7 @@ class GPT(nn.Module):
             row_ids = range(row_start, row_start + B) if rows is None else rows.tolist()
             spans = list(zip(row_ids, start.tolist()))
         for i, block in enumerate(self.h):
-            layer_cache = (cache.keys[i], cache.values[i], row_start if rows is None else rows, positions, spans, context, mask, write_stream)
+            layer_cache = (cache.keys[i], cache.values[i], row_start if rows is None else rows, positions, spans, context, mask)
             x, (cache.keys[i], cache.values[i]) = block(x, layer_cache)
         return self.ln_f(x)
 

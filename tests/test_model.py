@@ -430,7 +430,7 @@ def test_batched_prefill_split_over_cpu_streams_equals_one_stream(random_model, 
     monkeypatch.setattr(cpu_streams.os, "cpu_count", lambda: 2)
     parts = []
     original = Runner._forward_part
-    monkeypatch.setattr(Runner, "_forward_part", lambda self, part, stream: (parts.append(len(part)), original(self, part, stream))[1])
+    monkeypatch.setattr(Runner, "_forward_part", lambda self, part: (parts.append(len(part)), original(self, part))[1])
     model = random_model(tiny_config, seed=13)
     prompts = [tokens(90 + r, (20 + r % 3,)).tolist() for r in range(7)]
     chunks = [PrefillChunk(r, p, 0, all_logits=(r == 5)) for r, p in enumerate(prompts)]
