@@ -27,10 +27,11 @@ class ServerSettings(BaseSettings):
     device: Literal["auto", "cpu", "gpu"] = Field("auto", description="where MLX runs")
     max_batch: int = Field(32, ge=1, le=1024, description="sequences decoded together (KV-cache slots)")
     max_queue: int = Field(256, ge=1, description="sequences allowed to wait for a slot; beyond that: 503")
-    # The engine prefills a step's chunk in forwards of <= 512 tokens, sending first tokens after
-    # each. 32 lockstep clients of 41-token prompts, in-process, 3 alternating rounds (AVX2
-    # machine): TTFT p95 median 922 ms at 512, 831 at 1024, 730 at 2048; 1024 keeps the longest
-    # stall of the running sequences at ~0.5 s here.
+    # The engine prefills a step's chunk in forwards of <= 1024 tokens (their rows split over the
+    # CPU streams), sending first tokens after each. 32 lockstep clients of 41-token prompts,
+    # in-process, 3 alternating rounds (AVX2 machine, 512-token forwards then): TTFT p95 median
+    # 922 ms at 512, 831 at 1024, 730 at 2048; 1024 keeps the longest stall of the running
+    # sequences at ~0.5 s here.
     prefill_chunk: int = Field(
         1024, ge=1, description="prompt tokens prefilled between two decode steps (batched), so prompts never stall decoding for long"
     )
