@@ -28,7 +28,9 @@ _enabled = True
 
 
 def set_enabled(enabled: bool) -> None:
-    """Benchmarks switch the split off to compare side by side."""
+    """Switch the split off (or on) to compare side by side. Read when code runs or is traced:
+    a compiled function keeps what it was traced with, so compare with separate models (each
+    its own traces) or uncompiled runners."""
     global _enabled
     _enabled = enabled
 
