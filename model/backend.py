@@ -193,10 +193,10 @@ def single_threaded_blas():
     thread each; benchmarks/README.md). Only MKL can be told; other libraries yield False.
     Process-wide, so only for code that owns the process's MLX work while it runs (the engine).
     """
-    if _BLAS_HANDLE is None or REPORT.blas_name != "mkl":
+    previous = blas_threads()
+    if previous is None:
         yield False
         return
-    previous = int(_BLAS_HANDLE.MKL_Get_Max_Threads())
     _BLAS_HANDLE.MKL_Set_Num_Threads(ctypes.c_int(1))
     try:
         yield True

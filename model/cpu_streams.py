@@ -53,6 +53,12 @@ def streams() -> tuple[mx.Stream, ...]:
     return mine
 
 
+def split_ranges(n: int, parts: int) -> list[tuple[int, int]]:
+    """`parts` contiguous (lo, hi) ranges of nearly equal size covering 0..n (heads, rows)."""
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return list(zip(bounds, bounds[1:]))
+
+
 def release() -> None:
     """Forget this thread's streams (they die with `mx.clear_streams()` or the thread)."""
     _local.__dict__.clear()

@@ -157,9 +157,8 @@ class CausalSelfAttention(nn.Module):
         groups = min(len(parallel), self.n_head)
         if groups < 2:
             return self._attend_heads(q, k, v, mask)
-        bounds = [self.n_head * i // groups for i in range(groups + 1)]
         outputs = []
-        for stream, lo, hi in zip(parallel, bounds, bounds[1:]):
+        for stream, (lo, hi) in zip(parallel, cpu_streams.split_ranges(self.n_head, groups)):
             with mx.stream(stream):
                 outputs.append(self._attend_heads(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], mask))
         return mx.concatenate(outputs, axis=1)

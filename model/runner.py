@@ -32,7 +32,6 @@ def context_for(length: int, max_len: int) -> int:
 
 
 PAD_WASTE = 0.5  # batched prefill may compute up to 50% padding on top of the real tokens
-SPLIT_PREFILL_MIN_ROWS = 2  # a batched prefill of this many rows splits them over CPU streams
 
 
 @dataclass
@@ -176,8 +175,7 @@ class ModelRunner:
         for group in _group_by_length(chunks):
             members = [chunks[i] for i in group]
             if len(group) == 1 or self._pads_past_cache(members):
-                for i in group:
-                    c = chunks[i]
+                for i, c in zip(group, members):
                     results[i] = self.prefill(c.row, c.tokens, c.start, c.all_logits)
                 continue
             for i, logits in zip(group, self._forward_parts(members)):
@@ -198,10 +196,9 @@ class ModelRunner:
         prefill took 0.84 of the time on the 2-core AVX2 machine. Each part is padded only to its
         own longest chunk (the group is sorted by length).
         """
-        parallel = cpu_streams.streams() if len(group) >= SPLIT_PREFILL_MIN_ROWS else ()
+        parallel = cpu_streams.streams()
         n_parts = min(len(parallel), len(group)) if parallel else 1
-        bounds = [len(group) * i // n_parts for i in range(n_parts + 1)]
-        parts = [group[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+        parts = [group[lo:hi] for lo, hi in cpu_streams.split_ranges(len(group), n_parts)]
         lazy = []
         for p, part in enumerate(parts):
             with mx.stream(parallel[p]) if n_parts > 1 else contextlib.nullcontext():
