@@ -11,6 +11,7 @@ import importlib
 
 BENCHMARKS = {
     "decode": ("decode_speed", "batch-1 decode, 1x512 prefill, 8x512 forward; MKL vs stock BLAS"),
+    "step": ("decode_step", "batched decode step at 1-32 rows: the LM head in NumPy vs in MLX, side by side"),
     "serve": ("serve_load", "streaming load on `nanogpt-mlx serve`: tok/s, TTFT, ITL at several concurrencies"),
     "train": ("train_speed", "training-step tok/s and peak memory"),
     "fast-ops": ("fast_ops", "native vs polynomial softmax/cross-entropy/GELU in a training step, side by side"),
@@ -22,7 +23,7 @@ def register_cli(subparsers) -> None:
     lines = "\n".join(f"  {name:17s} {text}" for name, (_, text) in BENCHMARKS.items())
     p = subparsers.add_parser(
         "bench",
-        help="run a benchmark (decode, serve, train, fast-ops, metrics-overhead)",
+        help="run a benchmark (decode, step, serve, train, fast-ops, metrics-overhead)",
         description=f"Run a benchmark; every argument after NAME goes to it.\n\n{lines}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

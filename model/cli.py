@@ -88,7 +88,7 @@ def cmd_info(args) -> int:
     print(f"blas: {report.blas_name}" + (f" ({report.blas_path})" if report.blas_path else ""))
     threads = backend.blas_threads()
     print(f"blas threads: {threads if threads is not None else 'unknown'}")
-    print(f"cpu tuning: ftz/daz={'on' if report.ftz_daz else 'off'}  malloc={'tuned' if report.malloc_tuned else 'default'}  jit -march=native={'on' if report.jit_march_native else 'off'}")
+    print(f"cpu tuning: ftz/daz={'on' if report.ftz_daz else 'off'}  malloc={'tuned' if report.malloc_tuned else 'default'}  jit -march=native={'on' if report.jit_march_native else 'off'}  numpy blas threads={'sleep when idle' if report.numpy_blas_quiet else 'default'}")
     for note in report.notes:
         print(f"note: {note}")
     print(f"fp32 matmul 1024^3: {backend.measure_gflops():.1f} GFLOP/s")

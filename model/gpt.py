@@ -255,7 +255,8 @@ class GPT(nn.Module):
         The stored (vocab, n_embd) layout makes BLAS treat a few rows of hidden states as a
         transposed-B GEMM; with this layout one row's logits ran 2.8x faster on CPU (MKL,
         1 x 384 x 50,257: 8.7 -> 3.1 ms, the largest single cost of a batch-1 decode step) and
-        32 rows 1.2x. A copy (77 MB in fp32) that inference code makes once per runner.
+        32 rows 1.2x. A copy (77 MB in fp32) that inference code makes once per runner (on a GPU;
+        on the CPU the runner keeps this layout in NumPy and computes logits there).
         """
         return mx.contiguous(self.head_weight().T)
 

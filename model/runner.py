@@ -68,50 +68,61 @@ def _group_by_length(chunks: list[PrefillChunk]) -> list[list[int]]:
 _COMPILED_DECODE_STEPS: dict[int, dict[int, callable]] = {}
 
 
-# From this many rows on, logits are computed as (vocab, C) @ (C, rows) -> (vocab, rows) and
-# transposed on the host: MKL runs that shape ~2x faster than (rows, C) @ (C, vocab) for 16-64
-# rows (32 rows: ~20 vs ~42 ms for the LM head on the AVX2 machine), while below it the
-# (rows, C) @ (C, vocab) product with the head stored (C, vocab) is fastest (1 row: ~3-4 ms).
-COLUMN_LOGITS_MIN_ROWS = 4
+# The NumPy LM head serves calls of at least HOST_HEAD_MIN_ROWS rows, computed for a multiple of
+# HOST_HEAD_ROW_MULTIPLE rows (see ModelRunner._logits).
+HOST_HEAD_MIN_ROWS = 4
+HOST_HEAD_ROW_MULTIPLE = 8
 
 
-def _logits(hidden: mx.array, head: mx.array, vocab_weight: mx.array) -> mx.array:
-    """(M, C) hidden states -> (M, vocab) logits, or their transpose (vocab, M) from
-    COLUMN_LOGITS_MIN_ROWS rows on (see `_to_numpy_rows`)."""
-    if hidden.shape[0] < COLUMN_LOGITS_MIN_ROWS:
-        return hidden @ head
-    return vocab_weight @ hidden.T
-
-
-def _to_numpy_rows(logits: mx.array, rows: int) -> np.ndarray:
-    """What `_logits` returned, as a row-contiguous (rows, vocab) float32 NumPy array."""
-    out = np.array(logits, dtype=np.float32)
-    return out if rows < COLUMN_LOGITS_MIN_ROWS else np.ascontiguousarray(out.T)
-
-
-def _decode_step_fn(model_ref: weakref.ref, context: int, tokens, positions, keys, values, head, vocab_weight):
+def _decode_step_fn(model_ref: weakref.ref, context: int, tokens, positions, keys, values):
     model = model_ref()  # a weak reference: the compiled-step cache must not keep the model alive
     cache = KVCache.wrap(list(keys), list(values))
     hidden = model.forward_cached(tokens, positions, cache, context)
-    return _logits(hidden[:, 0], head, vocab_weight), cache.keys, cache.values
+    return hidden[:, 0], cache.keys, cache.values
 
 
 class ModelRunner:
-    def __init__(self, model: GPT, max_rows: int, max_len: int | None = None, compile: bool = True):
+    def __init__(
+        self,
+        model: GPT,
+        max_rows: int,
+        max_len: int | None = None,
+        compile: bool = True,
+        host_logits: bool | None = None,
+    ):
         self.model = model
         self.max_rows = max_rows
         self.max_len = max_len or model.config.block_size
         self.cache = KVCache(model.config, rows=max_rows, max_len=self.max_len)
-        # A copy of the LM head in the (C, V) layout (see GPT.inference_head), made once: a runner
-        # serves fixed weights; build a new one after changing the model's.
-        self.head = model.inference_head()
-        self.vocab_weight = model.head_weight()  # (V, C)
+        # The LM head as a (C, V) matrix (see GPT.inference_head), copied once: a runner serves
+        # fixed weights; build a new one after changing the model's. With `host_logits` (the
+        # default on the CPU) NumPy sees the same memory and computes most logits (`_logits`).
+        if host_logits is None:
+            host_logits = mx.default_device() == mx.cpu
+        self.head = model.inference_head().astype(mx.float32)
         mx.eval(self.head)
+        self.host_head: np.ndarray | None = np.asarray(self.head) if host_logits else None  # a view, no copy
         self.compile = compile
 
     def _logits(self, hidden: mx.array) -> np.ndarray:
-        """(M, C) hidden states -> (M, vocab) NumPy logits."""
-        return _to_numpy_rows(_logits(hidden, self.head, self.vocab_weight), hidden.shape[0])
+        """(M, C) final hidden states -> (M, vocab) float32 NumPy logits.
+
+        On the CPU the LM head (M x 384 x 50,257, the largest matmul of a decode step) runs in
+        NumPy's OpenBLAS, which is far quicker at this shape than MKL inside MLX on the 2-core
+        AVX2 machine: 8 rows 7.7 against ~22-25 ms, 32 rows 20.7 against ~30 ms (its threads
+        sleep when idle, see backend._quiet_numpy_blas). The logits have to come to the host
+        for sampling anyway; only the (M, C) hidden states cross now. Rows are padded to a
+        multiple of 8: OpenBLAS ran 4-7 rows single-threaded, 9-14 ms, against 6-8 ms padded. Below
+        4 rows MLX's head is as fast alone and was faster inside a step (2 rows: 23 against 29 ms).
+        """
+        rows = hidden.shape[0]
+        if self.host_head is None or rows < HOST_HEAD_MIN_ROWS:
+            return np.array(hidden @ self.head, dtype=np.float32)
+        states = np.asarray(hidden, dtype=np.float32)
+        pad = -rows % HOST_HEAD_ROW_MULTIPLE
+        if pad:
+            states = np.concatenate([states, np.zeros((pad, states.shape[1]), dtype=np.float32)])
+        return (states @ self.host_head)[:rows]
 
     def _decode_step(self, context: int):
         """The decode step for one context bucket, compiled (MLX retraces it per batch size).
@@ -209,15 +220,15 @@ class ModelRunner:
         # chained after the other part's, as they update the same arrays) they held the parts
         # back: 1.35-1.40x the time of one stream instead of 0.84x.
         mx.eval(self.cache.state())
+        last_logits = self._logits(mx.concatenate([last for _, last in lazy]))
         results = []
-        for part, (hidden, last) in zip(parts, lazy):
-            last_logits = _to_numpy_rows(last, len(part))
+        for part, (hidden, _) in zip(parts, lazy):
             for b, c in enumerate(part):
-                results.append(self._logits(hidden[b, : len(c.tokens)]) if c.all_logits else last_logits[b])
+                results.append(self._logits(hidden[b, : len(c.tokens)]) if c.all_logits else last_logits[len(results)])
         return results
 
     def _forward_part(self, part: list[PrefillChunk]) -> tuple[mx.array, mx.array]:
-        """The lazy forward of one part: hidden states (B, T, C) and the last positions' logits."""
+        """The lazy forward of one part: hidden states (B, T, C) and those of each chunk's last token."""
         T = max(len(c.tokens) for c in part)
         tokens = np.zeros((len(part), T), dtype=np.int32)
         for b, c in enumerate(part):
@@ -232,7 +243,7 @@ class ModelRunner:
             rows=mx.array([c.row for c in part], dtype=mx.int32),
         )
         last = mx.array([len(c.tokens) - 1 for c in part])
-        return hidden, _logits(hidden[mx.arange(len(part)), last], self.head, self.vocab_weight)
+        return hidden, hidden[mx.arange(len(part)), last]
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """One step for rows 0..B-1: token b goes to position positions[b]. Returns (B, vocab) logits."""
@@ -243,15 +254,13 @@ class ModelRunner:
         if longest > self.max_len:
             raise ValueError(f"position {longest - 1} exceeds the cache length {self.max_len}")
         step = self._decode_step(context_for(longest, self.max_len))
-        logits, self.cache.keys, self.cache.values = step(
+        hidden, self.cache.keys, self.cache.values = step(
             mx.array(np.asarray(tokens, dtype=np.int32)[:, None]),
             mx.array(np.asarray(positions, dtype=np.int32)),
             self.cache.keys,
             self.cache.values,
-            self.head,
-            self.vocab_weight,
         )
-        return _to_numpy_rows(logits, B)
+        return self._logits(hidden)
 
     def move_row(self, src: int, dst: int) -> None:
         """Copy row `src`'s cache into row `dst` (the caller then treats `src` as free)."""

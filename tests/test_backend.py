@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import cli_env
+from nanogpt_mlx.model import backend
 
 LINUX_X86 = sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
 # MKL is a dependency on Linux x86-64, so there its absence is a failure, not a reason to skip.
@@ -45,14 +46,18 @@ print(json.dumps({{
     "numpy_denormal": float(np.float32(1e-38) * np.float32(1e-3)),
     "mlx_denormal": (mx.array([1e-38]) * 1e-3).item(),
     "path0": os.environ["PATH"].split(os.pathsep)[0],
+    "numpy_blas_quiet": r.numpy_blas_quiet,
+    "openblas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
 }}))
 """
 
 
 def probe(before: str = "", **env: str) -> tuple[dict, str]:
+    child_env = cli_env(**env)
+    child_env.pop("OPENBLAS_THREAD_TIMEOUT", None)  # this process's import of nanogpt_mlx set it
     proc = subprocess.run(
         [sys.executable, "-c", PROBE.format(before=before)],
-        capture_output=True, text=True, env=cli_env(**env), timeout=120, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, env=child_env, timeout=120, stdin=subprocess.DEVNULL,
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
@@ -68,7 +73,7 @@ def mkl_mapped(mapped: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def default_probe():
-    env = {k: v for k, v in os.environ.items() if k != "NANOGPT_MLX_NO_BLAS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("NANOGPT_MLX_NO_BLAS", "OPENBLAS_THREAD_TIMEOUT")}
     proc = subprocess.run(
         [sys.executable, "-c", PROBE.format(before="")],
         capture_output=True, text=True, env=env, timeout=120, stdin=subprocess.DEVNULL,
@@ -130,6 +135,22 @@ def test_malloc_and_jit_wrapper(default_probe):
         import shutil
 
         assert shutil.which("g++") is None  # only skipped when there is no compiler at all
+
+
+def test_numpy_blas_threads_are_told_to_sleep_when_idle(default_probe):
+    report, _ = default_probe
+    if not sys.platform.startswith("linux"):
+        pytest.skip("set on Linux only")
+    assert report["numpy_blas_quiet"] is True
+    assert report["openblas_thread_timeout"] == backend.NUMPY_BLAS_THREAD_TIMEOUT
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="set on Linux only")
+def test_numpy_imported_first_keeps_its_blas_threads_and_says_so():
+    report, _ = probe(before="import numpy")
+    assert report["numpy_blas_quiet"] is False
+    assert report["openblas_thread_timeout"] is None
+    assert any("numpy was imported before nanogpt_mlx" in n for n in report["notes"])
 
 
 def test_select_device():

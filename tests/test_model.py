@@ -454,3 +454,24 @@ def test_batched_prefill_split_over_cpu_streams_equals_one_stream(random_model, 
     assert np.abs(results[True][1] - results[False][1]).max() <= 1e-5
     for r in (0, 6):
         assert np.abs(results[True][0][r] - full_logits(model, prompts[r])[-1]).max() <= 1e-5
+
+
+def test_logits_on_the_host_equal_the_device_head(random_model, tiny_config):
+    """On the CPU the runner computes logits in NumPy (padded to 8 rows from 4 rows on) by
+    default; decode and batched prefill, with and without all logits, give the device head's."""
+    model = random_model(tiny_config, seed=21)
+    host, device = ModelRunner(model, max_rows=13), ModelRunner(model, max_rows=13, host_logits=False)
+    assert host.host_head is not None and device.host_head is None
+    assert np.shares_memory(host.host_head, np.asarray(host.head))  # a view of the MLX head, no copy
+    prompts = [tokens(80 + i, (4 + 3 * i,)).tolist() for i in range(13)]
+    chunks = [PrefillChunk(row, p, all_logits=(row == 5)) for row, p in enumerate(prompts)]
+    for h, d in zip(host.prefill_many(chunks), device.prefill_many(chunks)):
+        assert h.shape == d.shape and h.flags.c_contiguous
+        assert np.abs(h - d).max() <= 1e-5
+    for rows in (1, 3, 4, 5, 8, 13):  # below the threshold, padded, exact multiple, padded again
+        toks = np.arange(rows, dtype=np.int32)
+        positions = np.array([len(p) for p in prompts[:rows]])
+        got, want = host.decode(toks, positions), device.decode(toks, positions)
+        assert got.shape == (rows, model.config.vocab_size) and got.dtype == np.float32
+        assert np.abs(got - want).max() <= 1e-5
+        assert np.abs(got[rows - 1] - full_logits(model, prompts[rows - 1] + [rows - 1])[-1]).max() <= 1e-5
