@@ -1,7 +1,8 @@
-"""Batched decode step: where the LM head runs, side by side, at 1 to 32 rows.
+"""Batched decode step side by side: where the LM head runs and which BLAS MLX uses, 1-32 rows.
 
     python -m nanogpt_mlx.benchmarks.decode_step                  # 3 rounds, ~2 minutes
     python -m nanogpt_mlx.benchmarks.decode_step --rows 8 32 --position 400 --rounds 5
+    python -m nanogpt_mlx.benchmarks.decode_step --blas mkl openblas --settings numpy-head
 
 A benchmark, not a test. Random weights of the card's full shape, fp32, on the CPU. One decode
 step is `ModelRunner.decode` for B rows at cache position --position: the compiled MLX step plus
@@ -10,12 +11,14 @@ once per token. Three settings, each in its own subprocess (NumPy's BLAS reads i
 settings when it loads), in alternating order each round, so a noisy machine hits all alike:
 
 - numpy-head:        the default on the CPU: the LM head in NumPy's OpenBLAS, whose idle worker
-                     threads sleep at once (backend._quiet_numpy_blas);
+                     threads sleep at once (backend._quiet_openblas);
 - numpy-head-spin:   the same with OpenBLAS's default idle wait (OPENBLAS_THREAD_TIMEOUT=28), to
                      show what the setting is for;
-- mlx-head:          the head as an MLX matmul (`hidden @ head`, MKL), `host_logits=False`.
+- mlx-head:          the head as an MLX matmul (`hidden @ head`), `host_logits=False`.
 
-Reports the median step time per setting and row count, and each setting's ratio to mlx-head.
+Each setting runs with each BLAS of --blas (MLX's matmuls: `auto` = what nanogpt-mlx picks on
+this CPU, or `mkl` / `openblas` forced through NANOGPT_MLX_BLAS). Reports the median step time per
+setting and row count, and ratios to the first column.
 """
 
 from __future__ import annotations
@@ -65,10 +68,13 @@ def worker(setting: str, rows: list[int], position: int, steps: int) -> dict:
     return medians
 
 
-def run_worker(setting: str, args) -> dict[int, float]:
+def run_worker(blas: str, setting: str, args) -> dict[int, float]:
     env = {**os.environ, **SETTINGS[setting]["env"]}
     if not SETTINGS[setting]["env"]:
         env.pop("OPENBLAS_THREAD_TIMEOUT", None)
+    env.pop("NANOGPT_MLX_BLAS", None)
+    if blas != "auto":
+        env["NANOGPT_MLX_BLAS"] = blas
     cmd = [sys.executable, "-m", "nanogpt_mlx.benchmarks.decode_step", "--worker", setting,
            "--rows", *map(str, args.rows), "--position", str(args.position), "--steps", str(args.steps)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -84,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=12, help="timed steps per row count; the median is reported")
     p.add_argument("--rounds", type=int, default=3, help="subprocesses per setting, in alternating order")
     p.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
+    p.add_argument("--blas", nargs="+", choices=["auto", "mkl", "openblas"], default=["auto"], help="BLAS for MLX's matmuls")
     p.add_argument("--json", action="store_true")
     p.add_argument("--worker", choices=sorted(SETTINGS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -95,23 +102,24 @@ def main(argv: list[str] | None = None) -> int:
     from nanogpt_mlx.benchmarks.machine import describe_machine
 
     machine = describe_machine()
-    results: dict[str, list[dict[int, float]]] = {s: [] for s in args.settings}
+    columns = [(blas, setting) for blas in args.blas for setting in args.settings]
+    names = [f"{blas}/{setting}" if len(args.blas) > 1 else setting for blas, setting in columns]
+    results: dict[str, list[dict[int, float]]] = {name: [] for name in names}
     for r in range(args.rounds):
-        order = args.settings if r % 2 == 0 else args.settings[::-1]
-        for setting in order:
-            results[setting].append(run_worker(setting, args))
-    medians = {s: {B: statistics.median(run[B] for run in runs) for B in args.rows} for s, runs in results.items()}
+        order = list(zip(columns, names)) if r % 2 == 0 else list(zip(columns, names))[::-1]
+        for (blas, setting), name in order:
+            results[name].append(run_worker(blas, setting, args))
+    medians = {name: {B: statistics.median(run[B] for run in runs) for B in args.rows} for name, runs in results.items()}
 
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['system']}, mlx {machine['mlx']}, "
-          f"{machine['blas']} ({machine['blas_threads']} threads), load avg {machine['load_average']}, {machine['git']}")
+          f"auto BLAS {machine['blas']} ({machine['blas_threads']} threads), load avg {machine['load_average']}, {machine['git']}")
     print(f"decode step, position {args.position}: median ms over {args.rounds} rounds x {args.steps} steps")
-    print("rows | " + " | ".join(args.settings) + (" | ratios to mlx-head" if "mlx-head" in medians else ""))
+    print("rows | " + " | ".join(names) + (f" | ratios to {names[0]}" if len(names) > 1 else ""))
     for B in args.rows:
-        cells = [f"{medians[s][B]:.1f}" for s in args.settings]
-        line = f"{B:4d} | " + " | ".join(cells)
-        if "mlx-head" in medians:
-            base = medians["mlx-head"][B]
-            line += " | " + " ".join(f"{s}={medians[s][B] / base:.2f}" for s in args.settings if s != "mlx-head")
+        line = f"{B:4d} | " + " | ".join(f"{medians[n][B]:.1f}" for n in names)
+        if len(names) > 1:
+            base = medians[names[0]][B]
+            line += " | " + " ".join(f"{n}={medians[n][B] / base:.2f}" for n in names[1:])
         print(line)
     if args.json:
         print(json.dumps({"machine": machine, "args": vars(args), "rounds": results, "medians": medians}, indent=2))

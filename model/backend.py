@@ -1,8 +1,9 @@
 """Make MLX fast on the machine it runs on, before `mlx.core` is imported.
 
 MLX's Linux CPU wheel links a reference BLAS (~5 GFLOP/s fp32). Its `cblas_sgemm` calls resolve
-through the global symbol scope, so loading MKL (from PyPI) with RTLD_GLOBAL *before* libmlx is
-loaded makes every matmul 50-100x faster. That only works before the first `import mlx.core`,
+through the global symbol scope, so loading an optimized BLAS with RTLD_GLOBAL *before* libmlx is
+loaded makes every matmul 50-100x faster: MKL (from PyPI) on Intel CPUs, Debian's OpenBLAS on AMD
+ones when installed (see `preferred_blas`). That only works before the first `import mlx.core`,
 which is why `nanogpt_mlx/__init__.py` calls `prepare_runtime()` as the very first thing.
 
 Three more process-level settings pay on CPU (measured, see ../shared/README.md):
@@ -12,8 +13,8 @@ Three more process-level settings pay on CPU (measured, see ../shared/README.md)
   mmap/munmap + page faults of >32 MB buffers cost more than the ops themselves;
 - `-march=native` for the kernels `mx.compile` builds with g++ (2-3x on fused elementwise code).
 
-Nothing here needs an environment variable from the user. `NANOGPT_MLX_NO_BLAS=1` exists only
-so a benchmark can measure the stock path side by side.
+Nothing here needs an environment variable from the user. `NANOGPT_MLX_NO_BLAS=1` and
+`NANOGPT_MLX_BLAS=mkl|openblas` exist so benchmarks can measure the alternatives side by side.
 """
 
 from __future__ import annotations
@@ -52,18 +53,51 @@ _BLAS_HANDLE: ctypes.CDLL | None = None
 _PREPARED = False
 
 
+# Debian's OpenBLAS (`apt-get install libopenblas0-pthread`, or libopenblas0 / libopenblas-dev).
+OPENBLAS_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+)
+
+
+def cpu_vendor() -> str:
+    """The x86 vendor string from /proc/cpuinfo ('GenuineIntel', 'AuthenticAMD'), or ''."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def preferred_blas() -> str:
+    """'openblas' or 'mkl': which to try first when both are installed.
+
+    MKL on Intel CPUs; OpenBLAS on AMD ones, where MKL's kernels are not its best: on the 2-core
+    AMD EPYC (Zen 3) machine a 32-row decode step took 68-69 against 85-88 ms, a 1024^3 matmul
+    17.5 against 24-28 ms, and 32 streaming clients got 307-329 against 258-262 tok/s
+    (benchmarks/README.md), while on the earlier Intel machine MKL was the faster for batch-1
+    decode. NANOGPT_MLX_BLAS=mkl or =openblas overrides the choice (to compare side by side).
+    """
+    forced = os.environ.get("NANOGPT_MLX_BLAS", "").strip().lower()
+    if forced in ("mkl", "openblas"):
+        return forced
+    return "openblas" if cpu_vendor() == "AuthenticAMD" else "mkl"
+
+
 def _blas_candidates() -> list[tuple[str, str]]:
-    """Optimized BLAS libraries to try, best first: (name, path)."""
-    found: list[tuple[str, str]] = []
+    """Optimized BLAS libraries to try, the preferred kind first: (name, path)."""
+    mkl: list[tuple[str, str]] = []
     prefixes = dict.fromkeys([sys.prefix, sys.base_prefix, sys.exec_prefix])
     for prefix in prefixes:
         for path in sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*")), reverse=True):
-            found.append(("mkl", path))
-    # Debian's OpenBLAS is good for large shapes but slower than MKL on batch-1 decode shapes.
-    for path in ("/usr/lib/x86_64-linux-gnu/libopenblas.so.0", "/usr/lib/aarch64-linux-gnu/libopenblas.so.0"):
-        if os.path.exists(path):
-            found.append(("openblas", path))
-    return found
+            mkl.append(("mkl", path))
+    openblas = [("openblas", path) for path in OPENBLAS_PATHS if os.path.exists(path)]
+    return openblas + mkl if preferred_blas() == "openblas" else mkl + openblas
 
 
 def _load_blas() -> None:
@@ -125,23 +159,24 @@ def _tune_malloc() -> bool:
 
 
 # OpenBLAS waits 2^n cycles before an idle worker thread sleeps; 2^28 (~0.1 s) by default.
-NUMPY_BLAS_THREAD_TIMEOUT = "4"
+OPENBLAS_THREAD_TIMEOUT = "4"
 
 
-def _quiet_numpy_blas() -> bool:
-    """Make NumPy's OpenBLAS worker threads sleep right after their work instead of spinning.
+def _quiet_openblas() -> bool:
+    """Make OpenBLAS worker threads sleep right after their work instead of spinning; returns
+    whether NumPy's will (it loads its own OpenBLAS with `import numpy`).
 
-    On the CPU the LM head runs in NumPy (see ModelRunner), between MLX's MKL matmuls. Both
-    libraries keep idle worker threads busy-waiting for a while, and on a 2-core machine each
-    pool's spinning slowed the other's work: a 32-row decode step took 150 ms with the NumPy
-    head against 95 with MLX's, and 76 ms once OpenBLAS threads slept at once (MKL's spin
-    could stay: KMP_BLOCKTIME=0 changed nothing). OpenBLAS reads the setting when it loads,
-    with `import numpy`, so this only takes effect if NumPy was not imported yet.
+    On the CPU the LM head runs in NumPy (see ModelRunner), between MLX's matmuls. Both BLAS
+    pools keep idle worker threads busy-waiting for a while, and on a 2-core machine each pool's
+    spinning slowed the other's work: a 32-row decode step took 150 ms with the NumPy head
+    against 95 with MLX's (MKL), and 76 ms once OpenBLAS threads slept at once (MKL's spin could
+    stay: KMP_BLOCKTIME=0 changed nothing). OpenBLAS reads the setting when it loads, so it must
+    be set before MLX's OpenBLAS (if that is the one chosen) and NumPy's load.
     """
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_THREAD_TIMEOUT)
     if "numpy" in sys.modules:
         REPORT.notes.append("numpy was imported before nanogpt_mlx: its BLAS threads keep spinning")
         return False
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", NUMPY_BLAS_THREAD_TIMEOUT)
     return True
 
 
@@ -188,22 +223,33 @@ def prepare_runtime() -> RuntimeReport:
         )
         return REPORT
     if sys.platform.startswith("linux"):
+        REPORT.numpy_blas_quiet = _quiet_openblas()  # before either OpenBLAS loads
         _load_blas()
         REPORT.ftz_daz = _set_ftz_daz()
         REPORT.malloc_tuned = _tune_malloc()
         REPORT.jit_march_native = _jit_compiler_wrapper()
-        REPORT.numpy_blas_quiet = _quiet_numpy_blas()
     return REPORT
 
 
 def blas_threads() -> int | None:
-    """Threads the optimized BLAS will use (MKL only knows how to tell)."""
-    if _BLAS_HANDLE is None or REPORT.blas_name != "mkl":
+    """Threads the optimized BLAS will use (None if it cannot tell: none loaded)."""
+    if _BLAS_HANDLE is None:
         return None
     try:
-        return int(_BLAS_HANDLE.MKL_Get_Max_Threads())
+        if REPORT.blas_name == "mkl":
+            return int(_BLAS_HANDLE.MKL_Get_Max_Threads())
+        if REPORT.blas_name == "openblas":
+            return int(_BLAS_HANDLE.openblas_get_num_threads())
     except AttributeError:
-        return None
+        pass
+    return None
+
+
+def _set_blas_threads(n: int) -> None:
+    if REPORT.blas_name == "mkl":
+        _BLAS_HANDLE.MKL_Set_Num_Threads(ctypes.c_int(n))
+    else:
+        _BLAS_HANDLE.openblas_set_num_threads(ctypes.c_int(n))
 
 
 @contextlib.contextmanager
@@ -213,18 +259,19 @@ def single_threaded_blas():
     For work split over several MLX CPU streams (see cpu_streams): each stream's matmuls then run
     on their own core, where two streams of matmuls each asking MKL for every core would
     oversubscribe them (measured 4 % slower than one stream, against 19 % faster with one
-    thread each; benchmarks/README.md). Only MKL can be told; other libraries yield False.
-    Process-wide, so only for code that owns the process's MLX work while it runs (the engine).
+    thread each; benchmarks/README.md). MKL and OpenBLAS can be told; without them this yields
+    False. Process-wide, so only for code that owns the process's MLX work while it runs (the
+    engine).
     """
     previous = blas_threads()
     if previous is None:
         yield False
         return
-    _BLAS_HANDLE.MKL_Set_Num_Threads(ctypes.c_int(1))
+    _set_blas_threads(1)
     try:
         yield True
     finally:
-        _BLAS_HANDLE.MKL_Set_Num_Threads(ctypes.c_int(previous))
+        _set_blas_threads(previous)
 
 
 def loaded_blas_libraries() -> list[str]:

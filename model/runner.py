@@ -110,7 +110,7 @@ class ModelRunner:
         On the CPU the LM head (M x 384 x 50,257, the largest matmul of a decode step) runs in
         NumPy's OpenBLAS, which is far quicker at this shape than MKL inside MLX on the 2-core
         AVX2 machine: 8 rows 7.7 against ~22-25 ms, 32 rows 20.7 against ~30 ms (its threads
-        sleep when idle, see backend._quiet_numpy_blas). The logits have to come to the host
+        sleep when idle, see backend._quiet_openblas). The logits have to come to the host
         for sampling anyway; only the (M, C) hidden states cross now. Rows are padded to a
         multiple of 8: OpenBLAS ran 4-7 rows single-threaded, 9-14 ms, against 6-8 ms padded. Below
         4 rows MLX's head is as fast alone and was faster inside a step (2 rows: 23 against 29 ms).

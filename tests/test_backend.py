@@ -82,9 +82,32 @@ def default_probe():
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
+def debian_openblas_mapped(mapped: list[str]) -> list[str]:
+    return [p for p in mapped if p.startswith("/usr/lib/") and "libopenblas" in os.path.basename(p)]
+
+
+def installed_openblas() -> str | None:
+    return next((p for p in backend.OPENBLAS_PATHS if os.path.exists(p)), None)
+
+
 @needs_mkl
-def test_mkl_and_its_compute_kernels_are_mapped(default_probe):
+def test_default_blas_follows_the_cpu_vendor(default_probe):
+    """OpenBLAS first on AMD CPUs when Debian's is installed (.ci/run installs it), else MKL."""
     report, stderr = default_probe
+    vendor = backend.cpu_vendor()
+    if vendor == "AuthenticAMD" and installed_openblas():
+        assert report["blas_name"] == "openblas" and report["blas_path"] == installed_openblas()
+        assert debian_openblas_mapped(report["mapped"]) and mkl_mapped(report["mapped"]) == []
+    else:
+        assert report["blas_name"] == "mkl" and "libmkl_rt.so" in report["blas_path"]
+        assert debian_openblas_mapped(report["mapped"]) == []
+    assert report["threads"] and report["threads"] >= 1
+    assert "no optimized BLAS" not in stderr
+
+
+@needs_mkl
+def test_mkl_and_its_compute_kernels_are_mapped():
+    report, stderr = probe(NANOGPT_MLX_BLAS="mkl")
     mkl = mkl_mapped(report["mapped"])
     assert any(re.fullmatch(r"libmkl_rt\.so\.\d+", n) for n in mkl), mkl
     assert any(n.startswith("libmkl_core.so") for n in mkl), mkl
@@ -94,13 +117,23 @@ def test_mkl_and_its_compute_kernels_are_mapped(default_probe):
     assert report["blas_name"] == "mkl" and "libmkl_rt.so" in report["blas_path"]
     assert any("libmkl_rt" in p for p in report["loaded_blas"])
     assert report["threads"] and report["threads"] >= 1
+    assert debian_openblas_mapped(report["mapped"]) == []
+    assert "no optimized BLAS" not in stderr
+
+
+@pytest.mark.skipif(installed_openblas() is None, reason="Debian's libopenblas0-pthread is not installed (.ci/run installs it)")
+def test_openblas_when_asked_and_its_threads_can_be_set():
+    report, stderr = probe(NANOGPT_MLX_BLAS="openblas")
+    assert report["blas_name"] == "openblas" and report["blas_path"] == installed_openblas()
+    assert debian_openblas_mapped(report["mapped"]) and mkl_mapped(report["mapped"]) == []
+    assert report["threads"] and report["threads"] >= 1
     assert "no optimized BLAS" not in stderr
 
 
 @needs_mkl
 def test_no_blas_switch_keeps_mkl_out():
     report, _ = probe(NANOGPT_MLX_NO_BLAS="1")
-    assert mkl_mapped(report["mapped"]) == []
+    assert mkl_mapped(report["mapped"]) == [] and debian_openblas_mapped(report["mapped"]) == []
     assert report["blas_name"].startswith("reference") and report["blas_path"] is None
     assert any("NANOGPT_MLX_NO_BLAS" in n for n in report["notes"])
 
@@ -142,14 +175,14 @@ def test_numpy_blas_threads_are_told_to_sleep_when_idle(default_probe):
     if not sys.platform.startswith("linux"):
         pytest.skip("set on Linux only")
     assert report["numpy_blas_quiet"] is True
-    assert report["openblas_thread_timeout"] == backend.NUMPY_BLAS_THREAD_TIMEOUT
+    assert report["openblas_thread_timeout"] == backend.OPENBLAS_THREAD_TIMEOUT
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="set on Linux only")
 def test_numpy_imported_first_keeps_its_blas_threads_and_says_so():
     report, _ = probe(before="import numpy")
-    assert report["numpy_blas_quiet"] is False
-    assert report["openblas_thread_timeout"] is None
+    assert report["numpy_blas_quiet"] is False  # too late for NumPy's, in time for MLX's OpenBLAS
+    assert report["openblas_thread_timeout"] == backend.OPENBLAS_THREAD_TIMEOUT
     assert any("numpy was imported before nanogpt_mlx" in n for n in report["notes"])
 
 
@@ -177,10 +210,10 @@ def test_prepare_runtime_is_idempotent():
 
 
 @needs_mkl
-def test_single_threaded_blas_holds_mkl_to_one_thread_and_restores_it():
-    from nanogpt_mlx.model import backend
-
+def test_single_threaded_blas_holds_the_blas_to_one_thread_and_restores_it():
+    """In this process, whichever BLAS was chosen (MKL or OpenBLAS)."""
     before = backend.blas_threads()
+    assert before is not None, backend.REPORT
     with backend.single_threaded_blas() as limited:
         assert limited and backend.blas_threads() == 1
     assert backend.blas_threads() == before
@@ -192,7 +225,7 @@ def test_single_threaded_blas_holds_mkl_to_one_thread_and_restores_it():
 
 @needs_mkl
 def test_info_prints_mkl_and_gflops(run_cli):
-    proc = run_cli("info")
+    proc = run_cli("info", env=cli_env(NANOGPT_MLX_BLAS="mkl"))
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert re.search(r"^blas: mkl \(.*libmkl_rt\.so.*\)$", out, re.M), out
