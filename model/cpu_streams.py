@@ -1,7 +1,7 @@
 """Extra MLX CPU streams, so independent pieces of one forward pass run on several cores.
 
 MLX executes the ops of a CPU stream one after another on that stream's thread. The matmuls
-inside use every core (MKL threads them), but everything else runs on one: softmax, the many
+inside use every core (the BLAS threads them), but everything else runs on one: softmax, the many
 small per-head matmuls of attention, normalization. Ops placed on *different* streams run
 concurrently, and MLX inserts the waits where one stream's output feeds another's op. The model
 splits attention over the heads this way (see `gpt.CausalSelfAttention`): at 32 decoding rows

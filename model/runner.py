@@ -202,7 +202,7 @@ class ModelRunner:
         """One batched prefill forward of `group`, its rows split into parts over CPU streams.
 
         MLX runs a stream's ops one at a time, and only the matmuls of a forward use both cores;
-        with the rows in two parts on two streams and MKL held to one thread per call, every op
+        with the rows in two parts on two streams and the BLAS held to one thread per call, every op
         (LayerNorm, softmax, GELU, the per-head matmuls) has a core of its own: a 32 x 41-token
         prefill took 0.84 of the time on the 2-core AVX2 machine. Each part is padded only to its
         own longest chunk (the group is sorted by length).
