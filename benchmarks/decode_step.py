@@ -17,7 +17,7 @@ settings when it loads), in alternating order each round, so a noisy machine hit
 - mlx-head:          the head as an MLX matmul (`hidden @ head`), `host_logits=False`.
 
 Each setting runs with each BLAS of --blas (MLX's matmuls: `auto` = what nanogpt-mlx picks on
-this CPU, or `mkl` / `openblas` forced through NANOGPT_MLX_BLAS). Reports the median step time per
+this CPU, or `openblas+mkl` / `openblas` / `mkl` forced through NANOGPT_MLX_BLAS). Reports the median step time per
 setting and row count, and ratios to the first column.
 """
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=12, help="timed steps per row count; the median is reported")
     p.add_argument("--rounds", type=int, default=3, help="subprocesses per setting, in alternating order")
     p.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
-    p.add_argument("--blas", nargs="+", choices=["auto", "mkl", "openblas"], default=["auto"], help="BLAS for MLX's matmuls")
+    p.add_argument("--blas", nargs="+", choices=["auto", "openblas+mkl", "openblas", "mkl"], default=["auto"], help="BLAS for MLX's matmuls")
     p.add_argument("--json", action="store_true")
     p.add_argument("--worker", choices=sorted(SETTINGS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -41,6 +41,7 @@ class RuntimeReport:
 
     blas_path: str | None = None
     blas_name: str = "reference (MLX wheel)"
+    blas_one_row_path: str | None = None  # with "openblas+mkl": MKL, which serves the 1-row products
     ftz_daz: bool = False
     malloc_tuned: bool = False
     jit_march_native: bool = False
@@ -49,7 +50,8 @@ class RuntimeReport:
 
 
 REPORT = RuntimeReport()
-_BLAS_HANDLE: ctypes.CDLL | None = None
+_BLAS_HANDLES: dict[str, ctypes.CDLL] = {}  # "mkl" / "openblas": the loaded libraries, for their thread counts
+_DISPATCH_HANDLE: ctypes.CDLL | None = None  # the openblas+mkl dispatch library (blas_dispatch)
 _PREPARED = False
 
 
@@ -74,40 +76,84 @@ def cpu_vendor() -> str:
     return ""
 
 
-def preferred_blas() -> str:
-    """'openblas' or 'mkl': which to try first when both are installed.
+BLAS_CHOICES = ("openblas+mkl", "openblas", "mkl")
 
-    MKL on Intel CPUs; OpenBLAS on AMD ones, where MKL's kernels are not its best: on the 2-core
-    AMD EPYC (Zen 3) machine a 32-row decode step took 68-69 against 85-88 ms, a 1024^3 matmul
-    17.5 against 24-28 ms, and 32 streaming clients got 307-329 against 258-262 tok/s
-    (benchmarks/README.md), while on the earlier Intel machine MKL was the faster for batch-1
-    decode. NANOGPT_MLX_BLAS=mkl or =openblas overrides the choice (to compare side by side).
+
+def preferred_blas() -> str:
+    """Which BLAS to load: 'openblas+mkl', 'openblas' or 'mkl' (each falls back to what exists).
+
+    MKL on Intel CPUs. On AMD ones, where MKL's kernels are not its best, Debian's OpenBLAS for
+    every matmul of two or more rows and MKL for the one-row ones (see blas_dispatch): on the
+    2-core AMD EPYC (Zen 3) machine OpenBLAS ran a 32-row decode step in 56-72 against 68-98 ms
+    and 32 streaming clients got 291-316 against 241-270 tok/s, MKL a batch-1 step in 17-19
+    against 22-24 ms (benchmarks/README.md); on the earlier Intel machine MKL was the faster for
+    batch-1 decode. NANOGPT_MLX_BLAS=openblas+mkl|openblas|mkl overrides the choice.
     """
     forced = os.environ.get("NANOGPT_MLX_BLAS", "").strip().lower()
-    if forced in ("mkl", "openblas"):
+    if forced in BLAS_CHOICES:
         return forced
-    return "openblas" if cpu_vendor() == "AuthenticAMD" else "mkl"
+    return "openblas+mkl" if cpu_vendor() == "AuthenticAMD" else "mkl"
+
+
+def _mkl_paths() -> list[str]:
+    paths: list[str] = []
+    for prefix in dict.fromkeys([sys.prefix, sys.base_prefix, sys.exec_prefix]):
+        paths.extend(sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*")), reverse=True))
+    return paths
 
 
 def _blas_candidates() -> list[tuple[str, str]]:
-    """Optimized BLAS libraries to try, the preferred kind first: (name, path)."""
-    mkl: list[tuple[str, str]] = []
-    prefixes = dict.fromkeys([sys.prefix, sys.base_prefix, sys.exec_prefix])
-    for prefix in prefixes:
-        for path in sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*")), reverse=True):
-            mkl.append(("mkl", path))
+    """Single BLAS libraries to try, the preferred kind first: (name, path)."""
+    mkl = [("mkl", path) for path in _mkl_paths()]
     openblas = [("openblas", path) for path in OPENBLAS_PATHS if os.path.exists(path)]
-    return openblas + mkl if preferred_blas() == "openblas" else mkl + openblas
+    return mkl + openblas if preferred_blas() == "mkl" else openblas + mkl
+
+
+def _cache_dir(name: str) -> str:
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanogpt-mlx", name)
+
+
+def _load_dispatch() -> bool:
+    """MKL for 1-row products, OpenBLAS for the rest (blas_dispatch); False if it cannot be set up."""
+    global _DISPATCH_HANDLE
+    from nanogpt_mlx.model import blas_dispatch  # plain Python + ctypes: safe before mlx.core
+
+    mkl_paths = _mkl_paths()
+    openblas_paths = [p for p in OPENBLAS_PATHS if os.path.exists(p)]
+    if not mkl_paths or not openblas_paths:
+        REPORT.notes.append("openblas+mkl needs both Debian's OpenBLAS and MKL; loading one")
+        return False
+    try:
+        library = blas_dispatch.build(_cache_dir("blas-dispatch"))
+    except OSError as exc:
+        library = None
+        REPORT.notes.append(f"openblas+mkl dispatch not built: {exc}")
+    if library is None:
+        REPORT.notes.append("openblas+mkl needs a C compiler (cc) to build its dispatch; loading one BLAS")
+        return False
+    # MKL's idle threads would spin (200 ms by default) while OpenBLAS works and vice versa.
+    os.environ.setdefault("KMP_BLOCKTIME", "0")
+    try:
+        mkl = ctypes.CDLL(mkl_paths[0])
+        openblas = ctypes.CDLL(openblas_paths[0])
+        _DISPATCH_HANDLE = blas_dispatch.install(library, mkl.cblas_sgemm, openblas.cblas_sgemm)
+    except (OSError, AttributeError) as exc:
+        REPORT.notes.append(f"openblas+mkl dispatch not loaded: {exc}")
+        return False
+    _BLAS_HANDLES.update(mkl=mkl, openblas=openblas)
+    REPORT.blas_name, REPORT.blas_path, REPORT.blas_one_row_path = "openblas+mkl", openblas_paths[0], mkl_paths[0]
+    return True
 
 
 def _load_blas() -> None:
-    global _BLAS_HANDLE
     if os.environ.get("NANOGPT_MLX_NO_BLAS") == "1":
         REPORT.notes.append("optimized BLAS disabled by NANOGPT_MLX_NO_BLAS=1")
         return
+    if preferred_blas() == "openblas+mkl" and _load_dispatch():
+        return
     for name, path in _blas_candidates():
         try:
-            _BLAS_HANDLE = ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
+            _BLAS_HANDLES[name] = ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
         except OSError as exc:
             REPORT.notes.append(f"could not load {path}: {exc}")
             continue
@@ -119,6 +165,15 @@ def _load_blas() -> None:
         RuntimeWarning,
         stacklevel=3,
     )
+
+
+def dispatch_calls() -> tuple[int, int] | None:
+    """With openblas+mkl: (1-row products sent to MKL, others sent to OpenBLAS) so far."""
+    if _DISPATCH_HANDLE is None:
+        return None
+    from nanogpt_mlx.model import blas_dispatch
+
+    return blas_dispatch.calls(_DISPATCH_HANDLE)
 
 
 def _set_ftz_daz() -> bool:
@@ -187,7 +242,7 @@ def _jit_compiler_wrapper() -> bool:
     real = shutil.which("g++")
     if real is None:
         return False
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanogpt-mlx", "jit-bin")
+    cache = _cache_dir("jit-bin")
     if os.path.realpath(os.path.dirname(real)) == os.path.realpath(cache):
         return True  # already first on PATH (a parent process set it up)
     try:
@@ -232,24 +287,28 @@ def prepare_runtime() -> RuntimeReport:
 
 
 def blas_threads() -> int | None:
-    """Threads the optimized BLAS will use (None if it cannot tell: none loaded)."""
-    if _BLAS_HANDLE is None:
-        return None
+    """Threads the optimized BLAS will use (with openblas+mkl: OpenBLAS's); None if none is loaded."""
     try:
-        if REPORT.blas_name == "mkl":
-            return int(_BLAS_HANDLE.MKL_Get_Max_Threads())
-        if REPORT.blas_name == "openblas":
-            return int(_BLAS_HANDLE.openblas_get_num_threads())
+        counts = _thread_counts()
     except AttributeError:
-        pass
-    return None
+        return None
+    return counts.get("openblas", counts.get("mkl"))
 
 
-def _set_blas_threads(n: int) -> None:
-    if REPORT.blas_name == "mkl":
-        _BLAS_HANDLE.MKL_Set_Num_Threads(ctypes.c_int(n))
-    else:
-        _BLAS_HANDLE.openblas_set_num_threads(ctypes.c_int(n))
+def _thread_counts() -> dict[str, int]:
+    counts = {}
+    if "mkl" in _BLAS_HANDLES:
+        counts["mkl"] = int(_BLAS_HANDLES["mkl"].MKL_Get_Max_Threads())
+    if "openblas" in _BLAS_HANDLES:
+        counts["openblas"] = int(_BLAS_HANDLES["openblas"].openblas_get_num_threads())
+    return counts
+
+
+def _set_thread_counts(counts: dict[str, int]) -> None:
+    if "mkl" in counts:
+        _BLAS_HANDLES["mkl"].MKL_Set_Num_Threads(ctypes.c_int(counts["mkl"]))
+    if "openblas" in counts:
+        _BLAS_HANDLES["openblas"].openblas_set_num_threads(ctypes.c_int(counts["openblas"]))
 
 
 @contextlib.contextmanager
@@ -259,19 +318,22 @@ def single_threaded_blas():
     For work split over several MLX CPU streams (see cpu_streams): each stream's matmuls then run
     on their own core, where two streams of matmuls each asking MKL for every core would
     oversubscribe them (measured 4 % slower than one stream, against 19 % faster with one
-    thread each; benchmarks/README.md). MKL and OpenBLAS can be told; without them this yields
-    False. Process-wide, so only for code that owns the process's MLX work while it runs (the
-    engine).
+    thread each; benchmarks/README.md). MKL and OpenBLAS can be told (both, with openblas+mkl);
+    without them this yields False. Process-wide, so only for code that owns the process's MLX
+    work while it runs (the engine).
     """
-    previous = blas_threads()
-    if previous is None:
+    try:
+        previous = _thread_counts()
+    except AttributeError:
+        previous = {}
+    if not previous:
         yield False
         return
-    _set_blas_threads(1)
+    _set_thread_counts({name: 1 for name in previous})
     try:
         yield True
     finally:
-        _set_blas_threads(previous)
+        _set_thread_counts(previous)
 
 
 def loaded_blas_libraries() -> list[str]:

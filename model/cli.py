@@ -86,6 +86,8 @@ def cmd_info(args) -> int:
     print(f"nanogpt-mlx {__version__}   mlx {mx.__version__}   python {platform.python_version()}   {platform.machine()} {platform.system()}")
     print(f"device: {device}")
     print(f"blas: {report.blas_name}" + (f" ({report.blas_path})" if report.blas_path else ""))
+    if report.blas_one_row_path:
+        print(f"blas for 1-row products: mkl ({report.blas_one_row_path})")
     threads = backend.blas_threads()
     print(f"blas threads: {threads if threads is not None else 'unknown'}")
     print(f"cpu tuning: ftz/daz={'on' if report.ftz_daz else 'off'}  malloc={'tuned' if report.malloc_tuned else 'default'}  jit -march=native={'on' if report.jit_march_native else 'off'}  numpy blas threads={'sleep when idle' if report.numpy_blas_quiet else 'default'}")

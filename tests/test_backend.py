@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,7 @@ print(json.dumps({{
     "malloc_tuned": r.malloc_tuned, "jit": r.jit_march_native, "notes": r.notes,
     "loaded_blas": backend.loaded_blas_libraries(),
     "threads": backend.blas_threads(),
+    "blas_one_row_path": r.blas_one_row_path,
     "numpy_denormal": float(np.float32(1e-38) * np.float32(1e-3)),
     "mlx_denormal": (mx.array([1e-38]) * 1e-3).item(),
     "path0": os.environ["PATH"].split(os.pathsep)[0],
@@ -90,18 +92,77 @@ def installed_openblas() -> str | None:
     return next((p for p in backend.OPENBLAS_PATHS if os.path.exists(p)), None)
 
 
+def dispatch_mapped(mapped: list[str]) -> list[str]:
+    return [p for p in mapped if os.path.basename(p).startswith("libnanogpt_blas_dispatch-")]
+
+
 @needs_mkl
 def test_default_blas_follows_the_cpu_vendor(default_probe):
-    """OpenBLAS first on AMD CPUs when Debian's is installed (.ci/run installs it), else MKL."""
+    """On AMD CPUs OpenBLAS with MKL for 1-row products when Debian's OpenBLAS is installed
+    (.ci/run installs it) and a C compiler builds the dispatch; on Intel CPUs MKL."""
     report, stderr = default_probe
-    vendor = backend.cpu_vendor()
-    if vendor == "AuthenticAMD" and installed_openblas():
-        assert report["blas_name"] == "openblas" and report["blas_path"] == installed_openblas()
-        assert debian_openblas_mapped(report["mapped"]) and mkl_mapped(report["mapped"]) == []
+    if backend.cpu_vendor() == "AuthenticAMD" and installed_openblas() and shutil.which("cc"):
+        assert report["blas_name"] == "openblas+mkl" and report["blas_path"] == installed_openblas()
+        assert "libmkl_rt.so" in report["blas_one_row_path"]
+        assert debian_openblas_mapped(report["mapped"]) and mkl_mapped(report["mapped"])
+        assert dispatch_mapped(report["mapped"])
     else:
         assert report["blas_name"] == "mkl" and "libmkl_rt.so" in report["blas_path"]
-        assert debian_openblas_mapped(report["mapped"]) == []
+        assert debian_openblas_mapped(report["mapped"]) == [] and dispatch_mapped(report["mapped"]) == []
     assert report["threads"] and report["threads"] >= 1
+    assert "no optimized BLAS" not in stderr
+
+
+DISPATCH_PROBE = r"""
+import json
+import nanogpt_mlx
+import mlx.core as mx
+import numpy as np
+from nanogpt_mlx.model import backend
+rng = np.random.default_rng(0)
+w = rng.standard_normal((384, 1000)).astype(np.float32)
+counts = [backend.dispatch_calls()]
+errors = []
+for rows in (1, 1, 32, 2):
+    x = rng.standard_normal((rows, 384)).astype(np.float32)
+    errors.append(float(np.abs(np.array(mx.array(x) @ mx.array(w)) - x @ w).max()))
+    counts.append(backend.dispatch_calls())
+with backend.single_threaded_blas() as limited:
+    inside = backend._thread_counts()
+print(json.dumps({"name": backend.REPORT.blas_name, "counts": counts, "errors": errors,
+                  "limited": limited, "inside": inside, "after": backend._thread_counts()}))
+"""
+
+
+@needs_mkl
+@pytest.mark.skipif(installed_openblas() is None or shutil.which("cc") is None,
+                    reason="needs Debian's libopenblas0-pthread (.ci/run installs it) and a C compiler")
+def test_openblas_plus_mkl_sends_one_row_products_to_mkl(tmp_path):
+    env = cli_env(NANOGPT_MLX_BLAS="openblas+mkl", XDG_CACHE_HOME=str(tmp_path))  # built afresh here
+    proc = subprocess.run([sys.executable, "-c", DISPATCH_PROBE], capture_output=True, text=True,
+                          env=env, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["name"] == "openblas+mkl"
+    assert list(tmp_path.glob("nanogpt-mlx/blas-dispatch/libnanogpt_blas_dispatch-*.so"))
+    # each product went to exactly one side: 1 row to MKL, 32 and 2 rows to OpenBLAS
+    deltas = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(r["counts"], r["counts"][1:])]
+    assert deltas == [(1, 0), (1, 0), (0, 1), (0, 1)], r["counts"]
+    assert max(r["errors"]) < 1e-3
+    assert r["limited"] and r["inside"] == {"mkl": 1, "openblas": 1}
+    assert set(r["after"]) == {"mkl", "openblas"} and all(n >= 1 for n in r["after"].values())
+    if (os.cpu_count() or 1) > 1:
+        assert r["after"] != r["inside"]  # restored
+
+
+@needs_mkl
+@pytest.mark.skipif(installed_openblas() is None, reason="needs Debian's libopenblas0-pthread (.ci/run installs it)")
+def test_openblas_plus_mkl_without_a_compiler_loads_openblas_alone(tmp_path):
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    report, stderr = probe(NANOGPT_MLX_BLAS="openblas+mkl", XDG_CACHE_HOME=str(tmp_path), PATH=str(empty_bin))
+    assert report["blas_name"] == "openblas" and dispatch_mapped(report["mapped"]) == []
+    assert any("needs a C compiler" in n for n in report["notes"])
     assert "no optimized BLAS" not in stderr
 
 
@@ -126,6 +187,7 @@ def test_openblas_when_asked_and_its_threads_can_be_set():
     report, stderr = probe(NANOGPT_MLX_BLAS="openblas")
     assert report["blas_name"] == "openblas" and report["blas_path"] == installed_openblas()
     assert debian_openblas_mapped(report["mapped"]) and mkl_mapped(report["mapped"]) == []
+    assert dispatch_mapped(report["mapped"]) == []
     assert report["threads"] and report["threads"] >= 1
     assert "no optimized BLAS" not in stderr
 
