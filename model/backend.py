@@ -2,8 +2,8 @@
 
 MLX's Linux CPU wheel links a reference BLAS (~5 GFLOP/s fp32). Its `cblas_sgemm` calls resolve
 through the global symbol scope, so loading an optimized BLAS with RTLD_GLOBAL *before* libmlx is
-loaded makes every matmul 50-100x faster: MKL (from PyPI) on Intel CPUs, Debian's OpenBLAS on AMD
-ones when installed (see `preferred_blas`). That only works before the first `import mlx.core`,
+loaded makes every matmul 50-100x faster: MKL (from PyPI) on Intel CPUs; on AMD ones Debian's
+OpenBLAS with MKL for the 1-row products when both are installed (see `preferred_blas`). That only works before the first `import mlx.core`,
 which is why `nanogpt_mlx/__init__.py` calls `prepare_runtime()` as the very first thing.
 
 Three more process-level settings pay on CPU (measured, see ../shared/README.md):
@@ -14,7 +14,8 @@ Three more process-level settings pay on CPU (measured, see ../shared/README.md)
 - `-march=native` for the kernels `mx.compile` builds with g++ (2-3x on fused elementwise code).
 
 Nothing here needs an environment variable from the user. `NANOGPT_MLX_NO_BLAS=1` and
-`NANOGPT_MLX_BLAS=mkl|openblas` exist so benchmarks can measure the alternatives side by side.
+`NANOGPT_MLX_BLAS=openblas+mkl|openblas|mkl` exist so benchmarks can measure the alternatives side
+by side.
 """
 
 from __future__ import annotations
