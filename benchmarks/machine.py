@@ -6,16 +6,11 @@ import os
 import platform
 import subprocess
 
+from nanogpt_mlx.model.backend import cpuinfo_field
+
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def git_state() -> str:

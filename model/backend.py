@@ -65,16 +65,21 @@ OPENBLAS_PATHS = (
 )
 
 
-def cpu_vendor() -> str:
-    """The x86 vendor string from /proc/cpuinfo ('GenuineIntel', 'AuthenticAMD'), or ''."""
+def cpuinfo_field(name: str) -> str:
+    """The first value of `name` in /proc/cpuinfo ('vendor_id', 'model name'), or ''."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(name):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_vendor() -> str:
+    """The x86 vendor string ('GenuineIntel', 'AuthenticAMD'), or ''."""
+    return cpuinfo_field("vendor_id")
 
 
 BLAS_CHOICES = ("openblas+mkl", "openblas", "mkl")
