@@ -17,8 +17,8 @@ settings when it loads), in alternating order each round, so a noisy machine hit
 - mlx-head:          the head as an MLX matmul (`hidden @ head`), `host_logits=False`.
 
 Each setting runs with each BLAS of --blas (MLX's matmuls: `auto` = what nanogpt-mlx picks on
-this CPU, or `openblas+mkl` / `openblas` / `mkl` forced through NANOGPT_MLX_BLAS). Reports the median step time per
-setting and row count, and ratios to the first column.
+this CPU, or `openblas+mkl` / `openblas` / `mkl` forced through NANOGPT_MLX_BLAS). Reports the
+median step time per setting and row count, and ratios to the first column.
 """
 
 from __future__ import annotations

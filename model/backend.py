@@ -3,8 +3,9 @@
 MLX's Linux CPU wheel links a reference BLAS (~5 GFLOP/s fp32). Its `cblas_sgemm` calls resolve
 through the global symbol scope, so loading an optimized BLAS with RTLD_GLOBAL *before* libmlx is
 loaded makes every matmul 50-100x faster: MKL (from PyPI) on Intel CPUs; on AMD ones Debian's
-OpenBLAS with MKL for the 1-row products when both are installed (see `preferred_blas`). That only works before the first `import mlx.core`,
-which is why `nanogpt_mlx/__init__.py` calls `prepare_runtime()` as the very first thing.
+OpenBLAS with MKL for the 1-row products when both are installed (see `preferred_blas`). That
+only works before the first `import mlx.core`, which is why `nanogpt_mlx/__init__.py` calls
+`prepare_runtime()` as the very first thing.
 
 Three more process-level settings pay on CPU (measured, see ../shared/README.md):
 - flush-to-zero / denormals-are-zero: masked attention scores produce denormals, which are
@@ -108,10 +109,14 @@ def _mkl_paths() -> list[str]:
     return paths
 
 
+def _openblas_paths() -> list[str]:
+    return [path for path in OPENBLAS_PATHS if os.path.exists(path)]
+
+
 def _blas_candidates() -> list[tuple[str, str]]:
     """Single BLAS libraries to try, the preferred kind first: (name, path)."""
     mkl = [("mkl", path) for path in _mkl_paths()]
-    openblas = [("openblas", path) for path in OPENBLAS_PATHS if os.path.exists(path)]
+    openblas = [("openblas", path) for path in _openblas_paths()]
     return mkl + openblas if preferred_blas() == "mkl" else openblas + mkl
 
 
@@ -125,7 +130,7 @@ def _load_dispatch() -> bool:
     from nanogpt_mlx.model import blas_dispatch  # plain Python + ctypes: safe before mlx.core
 
     mkl_paths = _mkl_paths()
-    openblas_paths = [p for p in OPENBLAS_PATHS if os.path.exists(p)]
+    openblas_paths = _openblas_paths()
     if not mkl_paths or not openblas_paths:
         REPORT.notes.append("openblas+mkl needs both Debian's OpenBLAS and MKL; loading one")
         return False
@@ -137,7 +142,8 @@ def _load_dispatch() -> bool:
     if library is None:
         REPORT.notes.append("openblas+mkl needs a C compiler (cc) to build its dispatch; loading one BLAS")
         return False
-    # MKL's idle threads would spin (200 ms by default) while OpenBLAS works and vice versa.
+    # MKL's idle threads sleep at once instead of spinning for 200 ms while OpenBLAS works (the
+    # pools' spinning slowed each other with the NumPy head); openblas+mkl was measured this way.
     os.environ.setdefault("KMP_BLOCKTIME", "0")
     try:
         mkl = ctypes.CDLL(mkl_paths[0])

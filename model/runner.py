@@ -112,8 +112,9 @@ class ModelRunner:
         AVX2 machine: 8 rows 7.7 against ~22-25 ms, 32 rows 20.7 against ~30 ms (its threads
         sleep when idle, see backend._quiet_openblas). The logits have to come to the host
         for sampling anyway; only the (M, C) hidden states cross now. Rows are padded to a
-        multiple of 8: OpenBLAS ran 4-7 rows single-threaded, 9-14 ms, against 6-8 ms padded. Below
-        4 rows MLX's head is as fast alone and was faster inside a step (2 rows: 23 against 29 ms).
+        multiple of 8: OpenBLAS ran 4-7 rows single-threaded, 9-14 ms, against 6-8 ms padded.
+        Below 4 rows MLX's head is as fast alone and was faster inside a step (2 rows: 23 against
+        29 ms).
         """
         rows = hidden.shape[0]
         if self.host_head is None or rows < HOST_HEAD_MIN_ROWS:
@@ -202,8 +203,8 @@ class ModelRunner:
         """One batched prefill forward of `group`, its rows split into parts over CPU streams.
 
         MLX runs a stream's ops one at a time, and only the matmuls of a forward use both cores;
-        with the rows in two parts on two streams and the BLAS held to one thread per call, every op
-        (LayerNorm, softmax, GELU, the per-head matmuls) has a core of its own: a 32 x 41-token
+        with the rows in two parts on two streams and the BLAS held to one thread per call, every
+        op (LayerNorm, softmax, GELU, the per-head matmuls) has a core of its own: a 32 x 41-token
         prefill took 0.84 of the time on the 2-core AVX2 machine. Each part is padded only to its
         own longest chunk (the group is sorted by length).
         """
