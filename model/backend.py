@@ -136,9 +136,9 @@ def _load_dispatch() -> bool:
         return False
     try:
         library = blas_dispatch.build(_cache_dir("blas-dispatch"))
-    except OSError as exc:
-        library = None
-        REPORT.notes.append(f"openblas+mkl dispatch not built: {exc}")
+    except OSError as exc:  # e.g. an unwritable cache directory
+        REPORT.notes.append(f"openblas+mkl dispatch not built: {exc}; loading one BLAS")
+        return False
     if library is None:
         REPORT.notes.append("openblas+mkl needs a C compiler (cc) to build its dispatch; loading one BLAS")
         return False
