@@ -14,7 +14,9 @@ import pytest
 
 from nanogpt_mlx.model.checkpoint import load_model
 from nanogpt_mlx.model.cli import DEFAULT_CHECKPOINT
+from nanogpt_mlx.model.fast_ops import cross_entropy
 from nanogpt_mlx.model.sampling import SamplingParams
+from nanogpt_mlx.model.tokenizer import get_tokenizer
 
 from conftest import cli_command, cli_env
 from server_support import ServeProcess
@@ -52,9 +54,6 @@ ENGLISH = ("The old man walked slowly down the road to the village, where his da
 
 
 def test_it_is_trained_on_english():
-    from nanogpt_mlx.model.fast_ops import cross_entropy
-    from nanogpt_mlx.model.tokenizer import get_tokenizer
-
     ids = get_tokenizer(DEFAULT_CHECKPOINT).encode(ENGLISH)
     model = load_model(DEFAULT_CHECKPOINT)
     shuffled = [int(i) for i in np.random.default_rng(0).permutation(ids)]
