@@ -124,7 +124,7 @@ def save_training_checkpoint(
         fsync_path(staging / OPTIMIZER_FILE)
         fsync_path(staging)
         if final.exists():  # the same step saved again (e.g. the final step after a periodic save)
-            shutil.rmtree(final)
+            _retire(final)
         os.replace(staging, final)
         fsync_path(root)
     except BaseException as exc:
@@ -137,8 +137,18 @@ def save_training_checkpoint(
             raise _disk_error(exc, final, note) from exc
         raise
     for _, old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        _retire(old)
     return final
+
+
+def _retire(path: Path) -> None:
+    """Delete a published checkpoint so that a crash midway never leaves half of one under its
+    published name: rename it to a hidden name first (atomic; `clean_partials` removes such
+    leftovers on resume), then delete the files."""
+    hidden = path.with_name(f".{path.name}.old-{os.getpid()}")
+    os.replace(path, hidden)
+    fsync_path(path.parent)
+    shutil.rmtree(hidden, ignore_errors=True)
 
 
 def save_best(run_dir: str | os.PathLike, model: GPT, state: dict) -> Path:
