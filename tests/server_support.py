@@ -127,6 +127,36 @@ class ServeProcess:
         self.stop()
 
 
+class RawRequest:
+    """An HTTP/1.1 POST written on a plain socket, so a test can hang up at a moment it chooses
+    (after an event it has seen), instead of relying on a client-side timeout."""
+
+    def __init__(self, base_url: str, path: str, body: dict, headers: dict[str, str] | None = None):
+        host, port = base_url.removeprefix("http://").split(":")
+        payload = json.dumps(body).encode()
+        lines = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Type: application/json",
+                 f"Content-Length: {len(payload)}", "Connection: close"]
+        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        self.sock = socket.create_connection((host, int(port)), timeout=60)
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + payload)
+
+    def hang_up(self) -> None:
+        self.sock.close()
+
+
+def wait_for(condition, what: str, timeout: float = 120.0, interval: float = 0.02):
+    """Poll until `condition()` is truthy and return it. The timeout only bounds a hang: it is
+    far longer than the event needs on any machine, and no test asserts on elapsed time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what} after {timeout} s")
+        time.sleep(interval)
+
+
 def sse_payloads(lines) -> list[str]:
     """The `data:` payloads of a server-sent event stream, in order ([DONE] included)."""
     return [line[len("data:") :].strip() for line in lines if line.startswith("data:")]

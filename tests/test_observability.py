@@ -17,6 +17,7 @@ import math
 import re
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO_ROOT, cli_command, cli_env
 from nanogpt_mlx.server.metrics import _FAMILIES, DISCARD, ServerMetrics
-from server_support import HOST, ServeProcess, ThreadedServer, free_port, metric_value, sse_payloads
+from server_support import HOST, RawRequest, ServeProcess, ThreadedServer, free_port, metric_value, sse_payloads
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -446,20 +447,27 @@ def test_client_leaving_a_non_streaming_request_is_logged_and_counted_as_499(tin
     with ThreadedServer(tiny_checkpoint) as server:
         runner = server.ctx.engine._runner
         decode = runner.decode
+        released = threading.Event()
 
-        def slow_decode(tokens, positions):  # a slow model: the client gives up long before the end
-            time.sleep(0.05)
+        def held_decode(tokens, positions):  # a model that waits until the client has left
+            released.wait(120)
             return decode(tokens, positions)
 
-        monkeypatch.setattr(runner, "decode", slow_decode)
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(server.base_url + "/v1/completions", json={"prompt": "x", "max_tokens": 100}, headers={"X-Request-ID": "gone-1"}, timeout=0.5)
+        monkeypatch.setattr(runner, "decode", held_decode)
 
         def count() -> float:
             text = httpx.get(server.base_url + "/metrics", timeout=10).text
             return sample(text, "nanogpt_mlx_http_errors_total", status="499", code="client_disconnected")
 
-        wait_until(lambda: count() == 1, 10, "the 499 to be counted")
+        def generated() -> float:
+            return sample(httpx.get(server.base_url + "/metrics", timeout=10).text, "nanogpt_mlx_generation_tokens_total")
+
+        before = generated()
+        request = RawRequest(server.base_url, "/v1/completions", {"prompt": "x", "max_tokens": 100}, headers={"X-Request-ID": "gone-1"})
+        wait_until(lambda: generated() > before, 120, "the first token")  # prefill done, decode held
+        request.hang_up()
+        wait_until(lambda: count() == 1, 120, "the 499 to be counted")
+        released.set()
     line = next(r.getMessage() for r in caplog.records if r.name == "nanogpt_mlx.access" and "request_id=gone-1" in r.getMessage())
     assert "status=499" in line and "error_code=client_disconnected" in line
     completion_tokens = int(re.search(r"completion_tokens=(\d+)", line).group(1))
