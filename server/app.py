@@ -34,6 +34,7 @@ from pydantic import BaseModel, ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from nanogpt_mlx.model.checkpoint import load_config
 from nanogpt_mlx.model.tokenizer import get_tokenizer
@@ -262,10 +263,13 @@ async def read_json(request: Request, limit: int):
         if int(declared) > limit:
             raise APIError(413, f"Request body of {declared} bytes exceeds the limit of {limit} bytes.", code="request_too_large")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise APIError(413, f"Request body exceeds the limit of {limit} bytes.", code="request_too_large")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise APIError(413, f"Request body exceeds the limit of {limit} bytes.", code="request_too_large")
+    except ClientDisconnect:  # nobody will read the answer; 499 is what the access log and metrics count
+        raise APIError(499, "The client closed the connection before sending the whole body.", code="client_disconnected") from None
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
