@@ -2,17 +2,21 @@
 
 Disconnect storm: 50 streams dropped at random moments (before the first chunk, after k chunks,
 by a plain socket close) leave every slot free, the running gauge at 0, and the next request is
-served exactly as before the storm. Every wait is for an event, bounded only against a hang.
+served exactly as before the storm. A short soak (tests/soak.py) answers a few hundred mixed
+requests correctly while the server's memory levels off. Every wait is for an event, bounded
+only against a hang.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import httpx
 import numpy as np
 import pytest
 
+import soak
 from conftest import cli_command, cli_env
 from server_support import RawRequest, ServeProcess, metric_value, wait_for
 
@@ -86,3 +90,14 @@ def test_a_disconnect_storm_frees_every_slot_and_the_next_request_is_served_exac
     assert finished["error"] == 0 and finished["stop"] == 0, finished
     assert finished["abort"] + finished["length"] <= 52 and finished["abort"] >= 25, finished
     assert "Traceback" not in served.log()
+
+
+@pytest.mark.timeout(900)
+def test_a_short_soak_answers_every_request_and_memory_levels_off(served):
+    """The CI-sized run of tests/soak.py (the full one: 2,000+ requests, see its docstring)."""
+    report = asyncio.run(soak.soak(served.base_url, served.proc.pid, requests=300, concurrency=6, warmup=100,
+                                   sample_every=50, seed=3, progress=False))
+    assert report.failures == [], report.failures[:5]
+    assert report.requests == 300 and sum(report.ok.values()) == 300
+    assert all(report.ok[kind] > 0 for kind in ("completion", "stream", "n", "logprobs", "long", "drop")), report.ok
+    assert report.growth() < 0.10, report.rss_curve
