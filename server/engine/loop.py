@@ -1,32 +1,25 @@
-"""Continuous batching over a `ModelRunner`, on one dedicated thread. No HTTP in here.
+"""Continuous batching over a `Runner`, on one dedicated thread. No HTTP, no Prometheus.
 
 A request becomes one *sequence* per choice (prompts x n). Sequences wait in a bounded queue,
-get a KV-cache row (slot) as soon as one is free, are prefilled in chunks, then advance one
-token per engine step together with every other running sequence:
+get a KV-cache slot as soon as one is free, are prefilled in chunks, then advance one token per
+engine step together with every other running sequence:
 
     step:  take cancellations and arrivals   (a cancelled sequence frees its row here)
            prefill up to `prefill_chunk` prompt tokens (FIFO; a long prompt takes several steps),
            in forwards of up to `prefill_forward` tokens, handing out first tokens after each
-           compact the rows, then one batched decode of all running rows and per-row sampling
-           detokenize, match stop strings, finish sequences
-           hand the outputs to asyncio with one `loop.call_soon_threadsafe` (after each completed
-           prefill, so a first token waits for neither the other prefills nor the decode, and
-           after the decode)
+           compact the rows, then one batched decode of all running rows
+           per sequence: sample, detokenize, match stop strings, finish (output.py)
+           hand the outputs to asyncio with one `loop.call_soon_threadsafe` per event loop
+           (after each completed prefill forward, so a first token waits for neither the
+           other prefills nor the decode, and after the decode)
+           report a `StepStats` to the stats callback
 
-Row layout: `ModelRunner.decode` advances rows 0..B-1, so at every decode the B running
-sequences occupy exactly rows 0..B-1. Finished sequences leave holes; moving a row costs a
-copy of its whole cache, so holes are first offered to new sequences whose prompt completes
-in this step's prefill (they are prefilled straight into the hole), and only the holes left
-after that are filled by moving the highest running rows down.
-
-Prefill is FIFO and the first prompt that does not fit the step's budget takes the rest of it,
-so at most one unfinished prefill holds a row at a time. It takes the highest free row, and
-the runner has one row more than `max_batch`: together these keep that row at or above B
-(no other sequence can start running while it is unfinished, so B cannot grow past it), and
-compaction never has to move a prefill out of the way.
+Which sequence holds which cache row, and which rows move so that the running sequences are
+rows 0..B-1 at every decode, is the `SlotTable`'s business (slots.py).
 
 Every sequence gets exactly one final output (finish_reason stop, length, abort or error),
-whatever happens: cancelled, aborted at shutdown, or the model raised.
+whatever happens: cancelled, aborted at shutdown, its own output failed (that sequence alone
+ends with "error"), or the model raised (every sequence of the batch ends with "error").
 """
 
 from __future__ import annotations
@@ -35,62 +28,26 @@ import asyncio
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from nanogpt_mlx.model.runner import PrefillChunk
-from nanogpt_mlx.model.sampling import SamplingParams, choose_token, log_softmax, top_logprobs
-from nanogpt_mlx.model.tokenizer import EOT_ID, StreamingDetokenizer
-from nanogpt_mlx.server.metrics import ServerMetrics
-from nanogpt_mlx.server.stop_strings import StopStringMatcher
+from nanogpt_mlx.model.runner import PrefillChunk, Runner
+from nanogpt_mlx.model.tokenizer import EOT_ID
+from nanogpt_mlx.server.engine.output import OutputProcessor
+from nanogpt_mlx.server.engine.slots import SlotTable
+from nanogpt_mlx.server.engine.types import (
+    EngineUnavailableError,
+    QueueFullError,
+    SequenceOutput,
+    SequenceRequest,
+    SequenceStats,
+    StatsCallback,
+    StepStats,
+)
 
 log = logging.getLogger("nanogpt_mlx.engine")
-
-
-# --- what goes in and what comes out ---------------------------------------------------------
-@dataclass
-class SequenceRequest:
-    """One sequence to generate. The caller has checked len(prompt) + max_tokens <= context."""
-
-    prompt: list[int]
-    max_tokens: int
-    params: SamplingParams = field(default_factory=SamplingParams)
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
-    prompt_logprobs: int | None = None  # echo + logprobs: logprobs of the prompt, with k alternatives
-    choice: int = 0  # index among the request's choices; seeds a distinct stream for n > 1
-
-
-@dataclass
-class TokenLogprob:
-    token: int
-    logprob: float | None  # None for a prompt's first token (nothing precedes it)
-    top: list[tuple[int, float]]  # the k most likely alternatives at that position
-
-
-@dataclass
-class SequenceOutput:
-    """What one sequence produced in one engine step."""
-
-    text: str = ""  # newly released text (stop-string holdback may delay text behind tokens)
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when asked
-    prompt_logprobs: list[TokenLogprob] | None = None  # once, before any generated token, when asked
-    finish_reason: str | None = None  # stop | length | abort | error; set on the last output only
-    prompt_tokens: int = 0  # set on the last output
-    completion_tokens: int = 0  # set on the last output: every generated token, EOT included
-    error: str | None = None  # with finish_reason "error"
-
-
-class QueueFullError(Exception):
-    """The waiting queue has no room for the request's sequences (try again later)."""
-
-
-class EngineUnavailableError(Exception):
-    """The engine is loading, draining for shutdown, or has stopped."""
 
 
 # --- the asyncio side of a request --------------------------------------------------------------
@@ -101,12 +58,12 @@ class Submission:
     finished. `cancel()` (e.g. when the client disconnects) frees their slots at the next step.
     """
 
-    def __init__(self, engine: "Engine", count: int):
+    def __init__(self, engine: Engine, requests: list[SequenceRequest], tokenizer, arrival: float):
         self._engine = engine
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[tuple[int, SequenceOutput]] = asyncio.Queue()
-        self._unfinished = count
-        self.sequences: list[_Sequence] = []
+        self._unfinished = len(requests)
+        self.sequences: tuple[Sequence, ...] = tuple(Sequence(r, self, i, tokenizer, arrival) for i, r in enumerate(requests))
 
     def __aiter__(self) -> AsyncIterator[tuple[int, SequenceOutput]]:
         return self._iterate()
@@ -119,69 +76,84 @@ class Submission:
             yield index, output
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop that submitted the request (outputs are put on its queue there)."""
+        return self._loop
+
+    @property
     def finished(self) -> bool:
         return self._unfinished == 0
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated so far over all sequences (an int per sequence that only the engine
+        thread updates: safe to read from any thread, and final once the request has ended)."""
+        return sum(seq.generated for seq in self.sequences)
+
+    def put(self, index: int, output: SequenceOutput) -> None:
+        """Hand one output to the iterator. Call on `loop`."""
+        self._queue.put_nowait((index, output))
 
     def cancel(self) -> None:
         if self._unfinished:
             self._engine.cancel(self)
 
 
+def _deliver(batch: list[tuple[Submission, int, SequenceOutput]]) -> None:
+    for submission, index, output in batch:
+        submission.put(index, output)
+
+
 # --- the engine's view of a sequence --------------------------------------------------------------
 WAITING, PREFILLING, RUNNING, DONE = "waiting", "prefilling", "running", "done"
 
 
-class _Sequence:
+class Sequence:
+    """One sequence inside the engine: where it is (state, prompt tokens prefilled, tokens in the
+    cache), its output processor, and its times. Changed on the engine thread only."""
+
     def __init__(self, request: SequenceRequest, submission: Submission, index: int, tokenizer, arrival: float):
         self.request = request
         self.submission = submission
         self.index = index
         self.state = WAITING
-        self.row = -1
         self.prefilled = 0  # prompt tokens already in the cache
         self.cached = 0  # tokens in the cache (prompt + generated ones fed back)
-        self.last_token = -1  # sampled, not yet in the cache
-        self.generated = 0
-        self.counts: Counter[int] = Counter()
-        self.rng = _rng_for(request)
-        self.detokenizer = StreamingDetokenizer(tokenizer)
-        self.stops = StopStringMatcher(request.stop)
-        self.stop_string_hit = False
-        self.prompt_logprobs: list[TokenLogprob] | None = [] if request.prompt_logprobs is not None else None
+        self.output = OutputProcessor(request, tokenizer)
+        self.has_output = False  # queued in this step's outputs
         self.arrival = arrival
-        self.admitted_at = 0.0
-        self.first_token_at = 0.0
+        self.admitted_at: float | None = None
+        self.first_token_at: float | None = None
         self.last_token_at = 0.0
-        self.pending = SequenceOutput()  # accumulates this step's output
-        self.has_pending = False
+
+    @property
+    def generated(self) -> int:
+        return self.output.generated
 
 
-def _rng_for(request: SequenceRequest) -> np.random.Generator:
-    """Choice 0 draws like `nanogpt-mlx generate --seed`; other choices get their own stream."""
-    seed = request.params.seed
-    if seed is None or request.choice == 0:
-        return request.params.make_rng()
-    return np.random.default_rng([seed, request.choice])
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 # --- the engine -------------------------------------------------------------------------------
 class Engine:
     """Owns the model runner and its thread. `start()`, `submit()`, `drain()`, `shutdown()`.
 
-    runner_factory: builds the `ModelRunner` (loading the model) on the engine thread, so every
-    MLX call of the server happens on that one thread.
+    runner_factory: builds the `Runner` (loading the model) for a number of cache rows, on the
+    engine thread, so every MLX call of the server happens on that one thread.
+    stats_callback: receives a `StepStats` after every step, on the engine thread (types.py).
     """
 
     def __init__(
         self,
-        runner_factory: Callable[[int], object],
+        runner_factory: Callable[[int], Runner],
         tokenizer,
         max_batch: int,
         max_queue: int,
         max_len: int,
         prefill_chunk: int = 1024,
         prefill_forward: int = 1024,
-        metrics: ServerMetrics | None = None,
+        stats_callback: StatsCallback | None = None,
     ):
         self._runner_factory = runner_factory
         self._tokenizer = tokenizer
@@ -190,25 +162,25 @@ class Engine:
         self.max_len = max_len
         self.prefill_chunk = prefill_chunk
         self.prefill_forward = min(prefill_forward, prefill_chunk)
-        self.metrics = metrics or ServerMetrics(max_batch)
+        self._stats_callback = stats_callback
 
         self.state = "created"  # created -> loading -> ready -> stopped | failed
         self.failure: str | None = None
         self._accepting = True
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._waiting: deque[_Sequence] = deque()  # guarded by _lock
+        self._waiting: deque[Sequence] = deque()  # guarded by _lock
         self._cancelled: list[Submission] = []  # guarded by _lock
         self._abort_all = False  # guarded by _lock
         self._stop = False  # guarded by _lock
         self._thread: threading.Thread | None = None
 
-        # Owned by the engine thread only.
-        self._runner = None
-        self._rows: list[_Sequence | None] = [None] * (max_batch + 1)
-        self._running = 0  # B: rows 0..B-1 are the running sequences
-        self._prefilling: list[_Sequence] = []
-        self._outputs: list[_Sequence] = []  # sequences with output pending this step
+        # Owned by the engine thread only. One row more than max_batch: see slots.py.
+        self._runner: Runner | None = None
+        self._slots: SlotTable[Sequence] = SlotTable(max_batch + 1)
+        self._prefilling: list[Sequence] = []  # admitted, prompt not complete (FIFO)
+        self._outputs: list[Sequence] = []  # sequences with output pending this step
+        self._stats = StepStats()  # this step's, until reported
         self._active = 0  # running + prefilling, readable from any thread
 
     # --- lifecycle (any thread) -----------------------------------------------------------------
@@ -217,9 +189,23 @@ class Engine:
         self._thread = threading.Thread(target=self._main, name="nanogpt-mlx-engine", daemon=True)
         self._thread.start()
 
+    def load(self) -> None:
+        """Build the runner and warm it up on the calling thread. `start()` does this on the engine
+        thread; call it yourself only to drive the engine by hand with `step()` (tests), and then
+        make every later call on this thread."""
+        self._runner = self._runner_factory(self.max_batch + 1)
+        self._warm_up()
+        self.state = "ready"
+
     @property
     def ready(self) -> bool:
-        return self.state == "ready" and self._thread is not None and self._thread.is_alive()
+        """Loaded and serving: on its thread, or loaded by hand (`load()`) and driven by `step()`."""
+        return self.state == "ready" and (self._thread is None or self._thread.is_alive())
+
+    @property
+    def runner(self) -> Runner | None:
+        """The runner once the engine thread has built it (None before). Call it from that thread only."""
+        return self._runner
 
     @property
     def waiting_count(self) -> int:
@@ -279,15 +265,12 @@ class Engine:
         for r in requests:
             if not r.prompt or len(r.prompt) + r.max_tokens > self.max_len:
                 raise ValueError(f"prompt of {len(r.prompt)} tokens + max_tokens {r.max_tokens} must be 1..{self.max_len}")
-        submission = Submission(self, len(requests))
-        now = time.monotonic()
-        submission.sequences = [_Sequence(r, submission, i, self._tokenizer, now) for i, r in enumerate(requests)]
+        submission = Submission(self, requests, self._tokenizer, time.monotonic())
         with self._wake:
             free_slots = self.max_batch - self._active
             if len(self._waiting) + len(requests) > self.max_queue + max(0, free_slots):
                 raise QueueFullError(f"{len(self._waiting)} sequences are already waiting (limit {self.max_queue})")
             self._waiting.extend(submission.sequences)
-            self.metrics.waiting.set(len(self._waiting))
             self._wake.notify()
         return submission
 
@@ -299,9 +282,7 @@ class Engine:
     # --- the engine thread --------------------------------------------------------------------------
     def _main(self) -> None:
         try:
-            self._runner = self._runner_factory(self.max_batch + 1)
-            self._warm_up()
-            self.state = "ready"
+            self.load()
             log.info("engine ready: %d slots, context %d, prefill chunk %d", self.max_batch, self.max_len, self.prefill_chunk)
             while True:
                 with self._wake:
@@ -309,26 +290,35 @@ class Engine:
                         self._wake.wait()
                     if self._stop and not self._waiting and not self._active:
                         break
-                try:
-                    self._step()
-                except Exception as exc:  # the model or sampling failed: fail those sequences, keep serving
-                    log.exception("engine step failed")
-                    self._fail_active(f"{type(exc).__name__}: {exc}")
-                self._flush_outputs()
+                self.step()
         except BaseException as exc:
-            self.failure = f"{type(exc).__name__}: {exc}"
+            self.failure = _describe(exc)
             self.state = "failed"
             log.exception("engine thread died")
             self._fail_everything(self.failure)
         else:
             self.state = "stopped"
         finally:
-            self._runner.close()
+            if self._runner is not None:
+                self._runner.close()
 
     def _warm_up(self) -> None:
         """One prefill and one decode, so the first request does not pay MLX's first-call costs."""
         self._runner.prefill(0, [EOT_ID] * 8, 0)
         self._runner.decode(np.array([EOT_ID], dtype=np.int32), np.array([8], dtype=np.int32))
+
+    def step(self) -> None:
+        """One step, its outputs handed over and its stats reported, whatever the model does.
+
+        The engine thread's loop calls it; call it yourself only on an engine loaded by hand."""
+        started = time.perf_counter()
+        try:
+            self._step()
+        except Exception as exc:  # the model failed: fail the active sequences, keep serving
+            log.exception("engine step failed")
+            self._fail_active(_describe(exc))
+        self._flush_outputs()
+        self._report(time.perf_counter() - started)
 
     def _step(self) -> None:
         with self._wake:
@@ -345,7 +335,6 @@ class Engine:
             admitted = []
             while self._waiting and self._active + len(admitted) < self.max_batch:
                 admitted.append(self._waiting.popleft())
-            self.metrics.waiting.set(len(self._waiting))
 
         for submission in cancelled:
             for seq in submission.sequences:
@@ -357,65 +346,40 @@ class Engine:
         self._prefill()
         self._compact()
         self._decode()
-        self._active = self._running + len(self._prefilling)
-        self.metrics.running.set(self._active)
-        self.metrics.kv_slots_used.set(self._active)
+        self._active = self._slots.running + len(self._prefilling)
 
-    def _active_sequences(self) -> list[_Sequence]:
+    def _active_sequences(self) -> list[Sequence]:
         """Running and prefilling sequences (a prefill gets its row only when it starts)."""
-        return [s for s in self._rows if s is not None] + [s for s in self._prefilling if s.row < 0]
+        return self._slots.items() + [s for s in self._prefilling if self._slots.row(s) < 0]
 
     # --- slots ---------------------------------------------------------------------------------------
-    def _admit(self, seq: _Sequence, now: float) -> None:
+    def _admit(self, seq: Sequence, now: float) -> None:
         """Give the sequence a slot; its row is chosen when its prefill starts."""
         seq.state = PREFILLING
         seq.admitted_at = now
         self._prefilling.append(seq)
         self._active += 1
-        self.metrics.queue_time.observe(now - seq.arrival)
+        self._stats.queue_times.append(now - seq.arrival)
 
-    def _assign_row(self, seq: _Sequence, completes_now: bool) -> None:
-        """A prompt that completes in this step takes the lowest free row (a hole it can run in
-        without a move); a longer one the highest, where it is least in the way."""
-        free = [r for r, occupant in enumerate(self._rows) if occupant is None]
-        seq.row = free[0] if completes_now else free[-1]
-        self._rows[seq.row] = seq
-
-    def _start_running(self, seq: _Sequence) -> None:
+    def _start_running(self, seq: Sequence) -> None:
         """A prefill completed: the sequence decodes from the next compaction on."""
         self._prefilling.remove(seq)
         seq.state = RUNNING
-        self._running += 1
+        self._slots.start_running(seq)
 
-    def _move(self, seq: _Sequence, row: int) -> None:
-        self._runner.move_row(seq.row, row)
-        self._rows[seq.row] = None
-        self._rows[row] = seq
-        seq.row = row
-
-    def _release(self, seq: _Sequence, finish_reason: str | None = None) -> None:
-        """Free the sequence's row (the next compaction closes the hole)."""
-        if seq.state == RUNNING:
-            self._running -= 1
-        elif seq.state == PREFILLING:
+    def _release(self, seq: Sequence, finish_reason: str | None = None, error: str | None = None) -> None:
+        """Free the sequence's slot and row (the next compaction closes the hole)."""
+        if seq.state == PREFILLING:
             self._prefilling.remove(seq)
-        if seq.row >= 0:
-            self._rows[seq.row] = None
+        self._slots.release(seq)
         self._active -= 1
         if finish_reason is not None:
-            self._finish(seq, finish_reason)
+            self._finish(seq, finish_reason, error)
 
     def _compact(self) -> None:
-        """Make rows 0..B-1 exactly the running sequences: move running rows above B into holes."""
-        B = self._running
-        movers = [s for s in self._rows[B:] if s is not None and s.state == RUNNING]
-        if not movers:
-            return
-        holes = [r for r in range(B) if self._rows[r] is None]
-        # As many holes as movers, unless an unfinished prefill sat below B (see the module doc).
-        assert len(holes) == len(movers), "an unfinished prefill holds a row below B"
-        for hole, seq in zip(holes, movers):
-            self._move(seq, hole)
+        """Make rows 0..B-1 exactly the running sequences, copying the cache rows that move."""
+        for src, dst in self._slots.compact():
+            self._runner.move_row(src, dst)
 
     # --- prefill ---------------------------------------------------------------------------------------
     def _prefill(self) -> None:
@@ -424,11 +388,9 @@ class Engine:
 
         First tokens are handed over after every forward: in a burst of short prompts the first
         ones need not wait for the others, and the last ones do not wait for decode steps in
-        between (32 lockstep clients: TTFT p95 ~10% lower with a 1024-token chunk in 512-token
-        forwards than with one 512-token forward a step). Since a batched forward splits its rows
-        over the CPU streams (ModelRunner.prefill_many), whole 1024-token forwards are the default:
-        TTFT p95 median 964 against 1,007 ms in 512-token forwards and 1,042 ms unsplit
-        (benchmarks/README.md).
+        between. A batched forward can split its rows over several CPU streams (the runner's
+        `prefill_many`), which is why whole `prefill_chunk`-sized forwards are the default; the
+        measured trade-off is in benchmarks/README.md.
         """
         budget = self.prefill_chunk
         while budget > 0 and self._prefilling:
@@ -439,7 +401,7 @@ class Engine:
 
     def _prefill_forward(self, budget: int) -> int:
         """One batched prefill call over up to `budget` prompt tokens; returns the tokens it took."""
-        planned: list[tuple[_Sequence, int, list[int]]] = []
+        planned: list[tuple[Sequence, int, list[int], int]] = []  # (sequence, start, tokens, row)
         for seq in list(self._prefilling):
             if budget <= 0:
                 break
@@ -447,137 +409,128 @@ class Engine:
             begin = seq.prefilled
             chunk = prompt[begin : begin + budget]
             budget -= len(chunk)
-            if seq.row < 0:
-                self._assign_row(seq, completes_now=begin + len(chunk) == len(prompt))
-            planned.append((seq, begin, chunk))
+            row = self._slots.row(seq)
+            if row < 0:
+                row = self._slots.assign(seq, completes_now=begin + len(chunk) == len(prompt))
+            planned.append((seq, begin, chunk, row))
         if not planned:
             return budget
+        started = time.perf_counter()
         all_logits = self._runner.prefill_many(
-            [PrefillChunk(seq.row, chunk, begin, seq.prompt_logprobs is not None) for seq, begin, chunk in planned]
+            [PrefillChunk(row, chunk, begin, seq.output.wants_prompt_logprobs) for seq, begin, chunk, row in planned]
         )
-        for (seq, begin, chunk), logits in zip(planned, all_logits):
-            prompt = seq.request.prompt
-            want_all = seq.prompt_logprobs is not None
+        self._stats.prefill_time += time.perf_counter() - started
+        taken = sum(len(chunk) for _, _, chunk, _ in planned)
+        self._stats.prefill_tokens += taken
+        for (seq, begin, chunk, _), logits in zip(planned, all_logits):
             seq.prefilled += len(chunk)
-            if want_all:
-                self._record_prompt_logprobs(seq, begin, logits)
-                logits = logits[-1]
-            if seq.prefilled < len(prompt):
+            try:
+                finish = self._prompt_chunk_done(seq, begin, logits)
+            except Exception as exc:  # this sequence's output failed: end it alone
+                self._sequence_failed(seq, exc)
                 continue
-            seq.cached = len(prompt)
-            self.metrics.prompt_tokens.inc(len(prompt))
-            if seq.prompt_logprobs is not None:
-                seq.pending.prompt_logprobs = seq.prompt_logprobs
-                self._mark_output(seq)
-            if seq.request.max_tokens == 0:
-                self._release(seq, "length")
-                continue
-            finish = self._accept_token(seq, np.array(logits, dtype=np.float32))
-            if finish:
+            if finish is not None:
                 self._release(seq, finish)
-            else:
+            elif seq.prefilled == len(seq.request.prompt):
                 self._start_running(seq)
         self._flush_outputs()  # first tokens need not wait for this step's decode (TTFT)
-        return sum(len(chunk) for _, _, chunk in planned)
+        return taken
 
-    def _record_prompt_logprobs(self, seq: _Sequence, begin: int, logits: np.ndarray) -> None:
-        """Logits at position p score prompt token p+1; the prompt's first token has none."""
-        prompt, k = seq.request.prompt, seq.request.prompt_logprobs
-        if begin == 0:
-            seq.prompt_logprobs.append(TokenLogprob(prompt[0], None, []))
-        scored = min(len(logits), len(prompt) - begin - 1)  # the chunk's last row may score a generated token
-        if scored <= 0:
-            return
-        logprobs = log_softmax(logits[:scored])
-        targets = np.asarray(prompt[begin + 1 : begin + 1 + scored])
-        chosen = logprobs[np.arange(scored), targets]
-        for j in range(scored):
-            seq.prompt_logprobs.append(TokenLogprob(int(targets[j]), float(chosen[j]), top_logprobs(logprobs[j], k)))
+    def _prompt_chunk_done(self, seq: Sequence, begin: int, logits: np.ndarray) -> str | None:
+        """A chunk of the prompt is in the cache: its logprobs, and once the prompt is complete the
+        first token. Returns a finish_reason if the sequence ends here."""
+        output = seq.output
+        if output.wants_prompt_logprobs:
+            output.add_prompt_logits(begin, logits)
+            logits = logits[-1]
+        prompt = seq.request.prompt
+        if seq.prefilled < len(prompt):
+            return None
+        seq.cached = len(prompt)
+        self._stats.prompt_tokens += len(prompt)
+        if output.prompt_done():
+            self._mark_output(seq)
+        if seq.request.max_tokens == 0:
+            return "length"
+        return self._accept_token(seq, np.array(logits, dtype=np.float32))
 
     # --- decode ----------------------------------------------------------------------------------------
     def _decode(self) -> None:
-        B = self._running
+        B = self._slots.running
         if B == 0:
             return
-        running = self._rows[:B]
-        assert all(s is not None and s.state == RUNNING for s in running), "rows 0..B-1 must be the running sequences"
-        tokens = np.fromiter((s.last_token for s in running), dtype=np.int32, count=B)
+        running = self._slots.running_rows()
+        tokens = np.fromiter((s.output.last_token for s in running), dtype=np.int32, count=B)
         positions = np.fromiter((s.cached for s in running), dtype=np.int32, count=B)
+        started = time.perf_counter()
         logits = self._runner.decode(tokens, positions)
-        self.metrics.batch_size.observe(B)
-        finished = []
+        self._stats.decode_time += time.perf_counter() - started
+        self._stats.decode_batch_size = B
+        ended: list[tuple[Sequence, str]] = []
+        failed: list[tuple[Sequence, Exception]] = []
         for b, seq in enumerate(running):
             seq.cached += 1
-            finish = self._accept_token(seq, logits[b])
+            try:
+                finish = self._accept_token(seq, logits[b])
+            except Exception as exc:  # this sequence's output failed: end it alone
+                failed.append((seq, exc))
+                continue
             if finish:
-                finished.append((seq, finish))
-        for seq, finish in finished:
+                ended.append((seq, finish))
+        for seq, finish in ended:
             self._release(seq, finish)
+        for seq, exc in failed:
+            self._sequence_failed(seq, exc)
 
     # --- one token --------------------------------------------------------------------------------------
-    def _accept_token(self, seq: _Sequence, logits: np.ndarray) -> str | None:
-        """Sample the next token from `logits` (modified), record it; return a finish_reason or None."""
-        request = seq.request
-        params = request.params
-        raw_logprobs = log_softmax(logits) if params.logprobs is not None else None  # the model's own distribution
-        token = choose_token(logits, params, seq.rng, seq.counts)
-        seq.counts[token] += 1
-        seq.generated += 1
-        seq.last_token = token
+    def _accept_token(self, seq: Sequence, logits: np.ndarray) -> str | None:
+        """Sample the sequence's next token (output.py) and time it; return a finish_reason or None."""
+        finish = seq.output.accept(logits, at_context_end=seq.cached >= self.max_len)
         now = time.monotonic()
-        if seq.generated == 1:
+        stats = self._stats
+        if seq.first_token_at is None:
             seq.first_token_at = now
-            self.metrics.time_to_first_token.observe(now - seq.arrival)
-            self.metrics.prefill_time.observe(now - seq.admitted_at)
+            stats.time_to_first_tokens.append(now - seq.arrival)
+            stats.prefill_times.append(now - seq.admitted_at)
         else:
-            self.metrics.inter_token_latency.observe(now - seq.last_token_at)
+            stats.inter_token_latencies.append(now - seq.last_token_at)
         seq.last_token_at = now
-        self.metrics.generation_tokens.inc()
-
-        out = seq.pending
-        out.token_ids.append(token)
-        if raw_logprobs is not None:
-            if out.logprobs is None:
-                out.logprobs = []
-            out.logprobs.append(TokenLogprob(token, float(raw_logprobs[token]), top_logprobs(raw_logprobs, params.logprobs)))
+        stats.generation_tokens += 1
         self._mark_output(seq)
-
-        if token == EOT_ID and not request.ignore_eos:
-            return "stop"
-        if token != EOT_ID:  # with ignore_eos the EOT is generated but shows no text
-            text, hit = seq.stops.feed(seq.detokenizer.add(token))
-            out.text += text
-            if hit:
-                seq.stop_string_hit = True
-                return "stop"
-        if seq.generated >= request.max_tokens or seq.cached >= self.max_len:
-            return "length"
-        return None
+        return finish
 
     # --- finishing and handing outputs over ---------------------------------------------------------------
-    def _finish(self, seq: _Sequence, reason: str, error: str | None = None) -> None:
-        out = seq.pending
-        if not seq.stop_string_hit:
-            # Flush what the detokenizer and the stop matcher still hold (a stop string may
-            # complete in the flushed bytes, which ends the text there).
-            text, hit = seq.stops.feed(seq.detokenizer.finalize())
-            out.text += text if hit else text + seq.stops.flush()
+    def _sequence_failed(self, seq: Sequence, exc: Exception) -> None:
+        log.error("sequence %d of a request failed; ending it alone", seq.index, exc_info=exc)
+        self._release(seq, "error", _describe(exc))
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        try:
+            seq.output.finish(reason, error)
+        except Exception as exc:  # e.g. the detokenizer's flush: end with an error instead
+            log.error("finishing sequence %d of a request failed", seq.index, exc_info=exc)
+            reason, error = "error", _describe(exc)
+            seq.output.finish(reason, error)
         seq.state = DONE
-        out.finish_reason = reason
-        out.error = error
-        out.prompt_tokens = len(seq.request.prompt)
-        out.completion_tokens = seq.generated
         self._mark_output(seq)
         now = time.monotonic()
-        m = self.metrics
-        m.finished.labels(finish_reason=reason).inc()
-        m.request_latency.observe(now - seq.arrival)
-        if seq.generated:
-            m.decode_time.observe(now - seq.first_token_at)
+        admitted, first = seq.admitted_at, seq.first_token_at
+        self._stats.finished.append(
+            SequenceStats(
+                finish_reason=reason,
+                prompt_tokens=len(seq.request.prompt),
+                completion_tokens=seq.generated,
+                e2e_latency=now - seq.arrival,
+                queue_time=None if admitted is None else admitted - seq.arrival,
+                time_to_first_token=None if first is None else first - seq.arrival,
+                prefill_time=None if first is None or admitted is None else first - admitted,
+                decode_time=None if first is None else now - first,
+            )
+        )
 
-    def _mark_output(self, seq: _Sequence) -> None:
-        if not seq.has_pending:
-            seq.has_pending = True
+    def _mark_output(self, seq: Sequence) -> None:
+        if not seq.has_output:
+            seq.has_output = True
             self._outputs.append(seq)
 
     def _flush_outputs(self) -> None:
@@ -586,9 +539,8 @@ class Engine:
             return
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Submission, int, SequenceOutput]]] = {}
         for seq in self._outputs:
-            by_loop.setdefault(seq.submission._loop, []).append((seq.submission, seq.index, seq.pending))
-            seq.pending = SequenceOutput()
-            seq.has_pending = False
+            by_loop.setdefault(seq.submission.loop, []).append((seq.submission, seq.index, seq.output.take()))
+            seq.has_output = False
         self._outputs = []
         for loop, batch in by_loop.items():
             try:
@@ -596,31 +548,36 @@ class Engine:
             except RuntimeError:  # that loop is closed: nobody is listening any more
                 pass
 
+    def _report(self, step_time: float) -> None:
+        """Hand this step's stats, with the state after it, to the stats callback."""
+        stats, self._stats = self._stats, StepStats()
+        if self._stats_callback is None:
+            return
+        stats.step_time = step_time
+        stats.running = self._active
+        stats.waiting = len(self._waiting)
+        stats.kv_rows_used = self._slots.used
+        try:
+            self._stats_callback(stats)
+        except Exception:
+            log.exception("the stats callback failed")
+
     def _fail_active(self, message: str) -> None:
         for seq in self._active_sequences():
-            self._release(seq)
-            self._finish(seq, "error", message)
-        self._rows = [None] * len(self._rows)
-        self._running = 0
+            self._release(seq, "error", message)
+        self._slots.clear()
         self._prefilling = []
         self._active = 0
-        self.metrics.running.set(0)
-        self.metrics.kv_slots_used.set(0)
 
     def _fail_everything(self, message: str) -> None:
         with self._wake:
             waiting, self._waiting = list(self._waiting), deque()
         for seq in self._active_sequences():
-            if seq.row >= 0:
-                self._rows[seq.row] = None
             self._finish(seq, "error", message)
         for seq in waiting:
             self._finish(seq, "error", message)
+        self._slots.clear()
+        self._prefilling = []
         self._active = 0
         self._flush_outputs()
-
-
-
-def _deliver(batch: list[tuple[Submission, int, SequenceOutput]]) -> None:
-    for submission, index, output in batch:
-        submission._queue.put_nowait((index, output))
+        self._report(0.0)
