@@ -42,8 +42,10 @@ def make_engine(checkpoint, runner_wrapper=None, **kw) -> Engine:
 
 async def collect(submission) -> list[dict]:
     """Every sequence's whole result: text, tokens, logprobs, finish_reason, counts."""
-    empty = dict(text="", tokens=[], logprobs=[], prompt_logprobs=None, finish=None, completion_tokens=0, error=None)
-    results = [{k: list(v) if isinstance(v, list) else v for k, v in empty.items()} for _ in submission.sequences]
+    results = [
+        dict(text="", tokens=[], logprobs=[], prompt_logprobs=None, finish=None, completion_tokens=0, error=None)
+        for _ in submission.sequences
+    ]
     async for index, out in submission:
         r = results[index]
         r["text"] += out.text
