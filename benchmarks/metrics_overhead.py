@@ -11,7 +11,7 @@ on a condition variable and costs nothing.
 Reports per concurrency the median output tok/s of each server over the rounds, the overhead
 (1 - with / without) of the medians and the median of the per-round (paired) overheads, and the
 rounds themselves, whose spread shows how much of the difference is noise. Also an in-process bound that noise cannot
-blur: the time of the metric calls the engine makes per generated token, as a share of the
+blur: the time of the metric work (the engine's stats callback) per generated token, as a share of the
 per-token time measured under load, and the time of one /metrics exposition as a share of the
 scrape interval.
 
@@ -66,38 +66,43 @@ async def measure(base_url: str, concurrency: int, args, scrape_interval: float 
 
 
 def metric_calls_per_token_seconds(concurrency: int, max_tokens: int) -> float:
-    """Seconds of metric calls the engine makes per generated token, with real prometheus-client
-    families: per token one inter-token observation and a counter increment; per decode step (one
-    token for each of `concurrency` rows) the batch size and three gauges; per sequence five
-    latency observations and two counter increments."""
+    """Seconds of metric work per generated token, with real prometheus-client families: the
+    engine's stats callback (`ServerMetrics.observe_step`) on a decode step of `concurrency` rows
+    (one inter-token latency each), shared over its tokens, plus the step where a sequence gets
+    its slot and first token and the one where it finishes, shared over its `max_tokens`."""
+    from nanogpt_mlx.server.engine.types import SequenceStats, StepStats
     from nanogpt_mlx.server.metrics import ServerMetrics
 
     m = ServerMetrics(kv_cache_slots=32)
     n = 20000
-
-    def per_token() -> None:
-        m.inter_token_latency.observe(0.012)
-        m.generation_tokens.inc()
-
-    def per_step() -> None:
-        m.batch_size.observe(concurrency)
-        m.running.set(concurrency)
-        m.kv_slots_used.set(concurrency)
-        m.waiting.set(0)
+    decode_step = StepStats(
+        running=concurrency,
+        kv_rows_used=concurrency,
+        decode_batch_size=concurrency,
+        generation_tokens=concurrency,
+        inter_token_latencies=[0.012] * concurrency,
+    )
+    first = StepStats(
+        running=1,
+        kv_rows_used=1,
+        prompt_tokens=30,
+        generation_tokens=1,
+        queue_times=[0.001],
+        time_to_first_tokens=[0.05],
+        prefill_times=[0.02],
+    )
+    finished = SequenceStats(
+        "length", 30, max_tokens, e2e_latency=1.5, queue_time=0.001, time_to_first_token=0.05, prefill_time=0.02, decode_time=1.4
+    )
+    last = StepStats(finished=[finished])
 
     def per_sequence() -> None:
-        m.queue_time.observe(0.001)
-        m.time_to_first_token.observe(0.05)
-        m.prefill_time.observe(0.02)
-        m.request_latency.observe(1.5)
-        m.decode_time.observe(1.4)
-        m.prompt_tokens.inc(30)
-        m.finished.labels(finish_reason="length").inc()
+        m.observe_step(first)
+        m.observe_step(last)
 
-    token = min(timeit.repeat(per_token, number=n, repeat=5)) / n
-    step = min(timeit.repeat(per_step, number=n, repeat=5)) / n
+    step = min(timeit.repeat(lambda: m.observe_step(decode_step), number=n, repeat=5)) / n
     sequence = min(timeit.repeat(per_sequence, number=n, repeat=5)) / n
-    return token + step / concurrency + sequence / max_tokens
+    return step / concurrency + sequence / max_tokens
 
 
 def exposition_seconds() -> float:
@@ -195,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{c:>4} {on_median:>13.1f} {off_median:>9.1f} {overhead * 100:>8.2f}% {paired * 100:>7.2f}% {calls_share * 100:>12.3f}% {scrape_share * 100:>7.3f}%   {rounds}")
     print("overhead = 1 - with / without, of the medians; paired = median over rounds of each round's overhead")
     print("(negative: the server with metrics was faster, i.e. noise)")
-    print("metric calls = engine-side metric work per token x tokens per second, measured in-process")
+    print("metric calls = the stats callback's work per token x tokens per second, measured in-process")
     print(f"scrapes = one /metrics exposition ({render * 1e3:.2f} ms) / the scrape interval")
 
     result = {

@@ -15,6 +15,7 @@ import contextlib
 import weakref
 from dataclasses import dataclass
 from functools import partial
+from typing import Protocol
 
 import mlx.core as mx
 import numpy as np
@@ -42,6 +43,27 @@ class PrefillChunk:
     tokens: list[int] | np.ndarray
     start: int = 0
     all_logits: bool = False  # every position's logits (prompt logprobs), not just the last
+
+
+class Runner(Protocol):
+    """What a serving engine drives: a model with a KV cache of `max_rows` rows of `max_len`
+    positions, NumPy in and out. `ModelRunner` is the implementation; tests use stand-ins."""
+
+    max_rows: int
+    max_len: int
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def prefill(self, row: int, tokens: list[int] | np.ndarray, start: int, all_logits: bool = False) -> np.ndarray: ...
+
+    def prefill_many(self, chunks: list[PrefillChunk]) -> list[np.ndarray]: ...
+
+    def decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray: ...
+
+    def move_row(self, src: int, dst: int) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def _group_by_length(chunks: list[PrefillChunk]) -> list[list[int]]:

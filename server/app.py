@@ -77,7 +77,7 @@ class ServerContext:
             max_queue=settings.max_queue,
             max_len=self.max_len,
             prefill_chunk=settings.prefill_chunk,
-            metrics=self.metrics,
+            stats_callback=self.metrics.observe_step if settings.metrics else None,
         )
         self.completions = Completions(
             self.tokenizer,

@@ -1,12 +1,17 @@
 """Prometheus metrics of the server, all named `nanogpt_mlx_*`, in one registry per server.
 
-The engine observes the latency and token metrics as it produces tokens (on its own thread:
-prometheus-client's metrics are thread-safe and cost ~1 µs an observation); the HTTP layer
-counts errors. Every bucket bound lives in `BUCKETS` below, sized for this model on a CPU:
-a decode step of a full batch takes tens of milliseconds, so inter-token latencies are
-milliseconds, first tokens and queueing tens to hundreds of milliseconds, and whole requests
-seconds. Each "request" histogram is observed once per generated sequence (a request with
-`n` = 2 or two prompts is two sequences).
+The engine knows nothing of Prometheus: it reports a `StepStats` after every step (with a
+`SequenceStats` per finished sequence, server/engine/types.py) to a callback, and
+`ServerMetrics.observe_step` is that callback. It runs on the engine thread (prometheus-client's
+metrics are thread-safe) and observes each event in the step it happened: queue times when a
+sequence gets a slot, time to first token and prefill time at the first token, one inter-token
+latency per later token, and the end-to-end and decode times when a sequence finishes. Each
+"request" histogram is observed once per generated sequence (a request with `n` = 2 or two
+prompts is two sequences). The HTTP layer counts responses and errors.
+
+Every bucket bound lives in `BUCKETS` below, sized for this model on a CPU: inter-token latencies
+span one engine step, first tokens and queueing add prompt processing and waiting for a slot,
+and whole requests add every token of a completion.
 
 A private `CollectorRegistry` (not prometheus-client's global one) lets several servers live in
 one process, as the tests do; it still carries the process and Python platform collectors.
@@ -14,11 +19,14 @@ one process, as the tests do; it still carries the process and Python platform c
 The HTTP middleware (request_log.py) counts every response by route, method and status, and
 every 4xx/5xx by status and OpenAI error code, so no error path can be missed.
 
-With `--no-metrics` every family is replaced by `DISCARD`, which takes the same calls and does
-nothing, so the engine needs no branches and benchmarks/metrics_overhead.py can compare the two.
+With `--no-metrics` the engine gets no stats callback, /metrics is a 404, and every family is
+replaced by `DISCARD`, which takes the same calls and does nothing (benchmarks/metrics_overhead.py
+compares the two).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -32,14 +40,17 @@ from prometheus_client import (
     generate_latest,
 )
 
+if TYPE_CHECKING:
+    from nanogpt_mlx.server.engine.types import SequenceStats, StepStats
+
 PREFIX = "nanogpt_mlx"
 
 BUCKETS: dict[str, tuple[float, ...]] = {
-    # Time to first token: queueing + prefill + one sampling; ~10 ms alone, up to seconds under load.
+    # Time to first token: queueing + prefill + one sampling; from a lone short prompt to a full queue.
     "ttft": (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0),
     # Between two tokens of one sequence: one engine step (decode of the batch + any prefill chunk).
     "itl": (0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0),
-    # Whole requests and their decode phase: 16-512 tokens at 5-150 ms each.
+    # Whole requests and their decode phase: up to the whole context, one engine step a token.
     "request": (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0),
     # Waiting for a KV-cache slot: zero when the server keeps up.
     "queue": (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
@@ -62,7 +73,7 @@ class _Discard:
     def set(self, value: float) -> None:
         pass
 
-    def labels(self, *values: str, **labels: str) -> "_Discard":
+    def labels(self, *values: str, **labels: str) -> _Discard:
         return self
 
 
@@ -97,9 +108,14 @@ class ServerMetrics:
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens prefilled.", registry=r)
         self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Tokens generated.", registry=r)
         self.finished = Counter(
-            f"{PREFIX}_requests_finished", "Sequences finished, by finish_reason (stop, length, abort, error).", ["finish_reason"], registry=r
+            f"{PREFIX}_requests_finished",
+            "Sequences finished, by finish_reason (stop, length, abort, error).",
+            ["finish_reason"],
+            registry=r,
         )
-        self.errors = Counter(f"{PREFIX}_http_errors", "Error responses, by HTTP status and OpenAI error code.", ["status", "code"], registry=r)
+        self.errors = Counter(
+            f"{PREFIX}_http_errors", "Error responses, by HTTP status and OpenAI error code.", ["status", "code"], registry=r
+        )
         self.http_requests = Counter(
             f"{PREFIX}_http_requests", "HTTP responses, by route template, method and status.", ["route", "method", "status"], registry=r
         )
@@ -111,6 +127,38 @@ class ServerMetrics:
         self.kv_slots_total.set(kv_cache_slots)
         for reason in ("stop", "length", "abort", "error"):
             self.finished.labels(finish_reason=reason)  # export zeros, so rate() works from the start
+
+    # --- the engine's stats callback -------------------------------------------------------------------
+    def observe_step(self, step: StepStats) -> None:
+        """Observe one engine step's record (the engine's `stats_callback`)."""
+        # A slot is held from admission on (its cache row is assigned when its prefill starts),
+        # so slots used = sequences running or prefilling.
+        self.running.set(step.running)
+        self.kv_slots_used.set(step.running)
+        self.waiting.set(step.waiting)
+        if step.decode_batch_size:
+            self.batch_size.observe(step.decode_batch_size)
+        if step.prompt_tokens:
+            self.prompt_tokens.inc(step.prompt_tokens)
+        if step.generation_tokens:
+            self.generation_tokens.inc(step.generation_tokens)
+        for seconds in step.queue_times:
+            self.queue_time.observe(seconds)
+        for seconds in step.time_to_first_tokens:
+            self.time_to_first_token.observe(seconds)
+        for seconds in step.prefill_times:
+            self.prefill_time.observe(seconds)
+        for seconds in step.inter_token_latencies:
+            self.inter_token_latency.observe(seconds)
+        for finished in step.finished:
+            self.observe_finished(finished)
+
+    def observe_finished(self, seq: SequenceStats) -> None:
+        """Observe one finished sequence (its first-token and queue times came with their steps)."""
+        self.finished.labels(finish_reason=seq.finish_reason).inc()
+        self.request_latency.observe(seq.e2e_latency)
+        if seq.decode_time is not None:
+            self.decode_time.observe(seq.decode_time)
 
     def count_error(self, status: int, code: str | None) -> None:
         self.errors.labels(status=str(status), code=code or "none").inc()

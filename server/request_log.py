@@ -65,9 +65,7 @@ class RequestRecord:
     def completion_tokens(self) -> int | None:
         if self.submission is None:
             return None
-        # Each sequence's count of generated tokens is an int the engine thread updates: reading
-        # it here is safe, and after the response has ended it no longer changes.
-        return sum(seq.generated for seq in self.submission.sequences)
+        return self.submission.completion_tokens
 
 
 # --- hooks for the route handlers ----------------------------------------------------------------

@@ -445,7 +445,7 @@ def test_unexpected_exception_is_a_500_with_request_id_log_line_and_count(tiny_c
 def test_client_leaving_a_non_streaming_request_is_logged_and_counted_as_499(tiny_checkpoint, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="nanogpt_mlx.access")
     with ThreadedServer(tiny_checkpoint) as server:
-        runner = server.ctx.engine._runner
+        runner = server.ctx.engine.runner
         decode = runner.decode
         released = threading.Event()
 

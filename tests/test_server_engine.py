@@ -1,10 +1,10 @@
 """The continuous-batching engine on its own (no HTTP): batching never changes a sequence's
-output, chunked prefill, stop strings, prompt logprobs, cancellation, queue bounds, failures."""
+output, chunked prefill, stop strings, prompt logprobs, cancellation, queue bounds, failures of
+the model and of one sequence's output, and the stats records it reports."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import mlx.core as mx
@@ -16,7 +16,7 @@ from nanogpt_mlx.model.generate import generate_tokens
 from nanogpt_mlx.model.runner import ModelRunner
 from nanogpt_mlx.model.sampling import SamplingParams, log_softmax
 from nanogpt_mlx.model.tokenizer import EOT_ID, get_tokenizer
-from nanogpt_mlx.server.engine import Engine, QueueFullError, SequenceRequest
+from nanogpt_mlx.server.engine import Engine, OutputProcessor, QueueFullError, SequenceRequest, StepStats
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -42,7 +42,10 @@ def make_engine(checkpoint, runner_wrapper=None, **kw) -> Engine:
 
 async def collect(submission) -> list[dict]:
     """Every sequence's whole result: text, tokens, logprobs, finish_reason, counts."""
-    results = [dict(text="", tokens=[], logprobs=[], prompt_logprobs=None, finish=None, completion_tokens=0) for _ in submission.sequences]
+    results = [
+        dict(text="", tokens=[], logprobs=[], prompt_logprobs=None, finish=None, completion_tokens=0, error=None)
+        for _ in submission.sequences
+    ]
     async for index, out in submission:
         r = results[index]
         r["text"] += out.text
@@ -53,6 +56,7 @@ async def collect(submission) -> list[dict]:
         if out.finish_reason:
             r["finish"] = out.finish_reason
             r["completion_tokens"] = out.completion_tokens
+            r["error"] = out.error
     return results
 
 
@@ -253,7 +257,8 @@ def test_prompt_logprobs_match_a_full_forward_pass(tiny_checkpoint, prompts):
     want = log_softmax(logits)
     engine = make_engine(tiny_checkpoint, prefill_chunk=16)  # prompt logprobs across chunk borders
     try:
-        result = run(engine, [SequenceRequest(prompt=prompt, max_tokens=0, params=SamplingParams(temperature=0.0, logprobs=3), prompt_logprobs=3)])[0]
+        echo = SequenceRequest(prompt=prompt, max_tokens=0, params=SamplingParams(temperature=0.0, logprobs=3), prompt_logprobs=3)
+        result = run(engine, [echo])[0]
     finally:
         engine.shutdown()
     got = result["prompt_logprobs"]
@@ -384,10 +389,11 @@ class BookkeepingRunner:
     every call against that, with logits that depend on a row's whole history. A sequence only
     gets its reference tokens if the engine never mixes up, overwrites or skips a row."""
 
-    vocab = 50257
+    vocab_size = 50257
 
     def __init__(self, rows: int, max_len: int = 128):
         self.rows = [[] for _ in range(rows)]
+        self.max_rows = rows
         self.max_len = max_len
         self.moves = 0
 
@@ -396,7 +402,7 @@ class BookkeepingRunner:
         return (sum(history) * 31 + len(history) * 7) % 50000
 
     def _logits(self, history: list[int]) -> np.ndarray:
-        logits = np.zeros(self.vocab, dtype=np.float32)
+        logits = np.zeros(self.vocab_size, dtype=np.float32)
         logits[self.next_token(history)] = 1.0
         return logits
 
@@ -449,7 +455,10 @@ def test_rows_stay_consistent_under_random_arrivals_cancellations_and_long_promp
             history.append(out[-1])
         return out
 
-    jobs = [([int(t) for t in rng.integers(0, 50000, size=int(rng.integers(1, 25)))], int(rng.integers(1, 30)), rng.random() < 0.15) for _ in range(80)]
+    jobs = [
+        ([int(t) for t in rng.integers(0, 50000, size=int(rng.integers(1, 25)))], int(rng.integers(1, 30)), rng.random() < 0.15)
+        for _ in range(80)
+    ]
 
     async def one(prompt, max_tokens, cancel):
         submission = engine.submit([greedy(prompt, max_tokens, ignore_eos=True)])
@@ -482,8 +491,8 @@ def test_rows_stay_consistent_under_random_arrivals_cancellations_and_long_promp
 def test_slot_bookkeeping_under_scripted_schedules():
     """Drive the engine step by step (no thread) through random schedules of arrivals and
     cancellations with 2-4 slots, prefill chunks of 2-7 tokens in forwards of 1-7, so holes, moves,
-    multi-step prefills, several prefill forwards a step and immediate finishes interleave in every order; the engine's own invariant
-    checks (rows 0..B-1 running, no prefill below B) run at every step."""
+    multi-step prefills, several prefill forwards a step and immediate finishes interleave in every
+    order; the slot table's own checks (rows 0..B-1 running, no prefill below B) run at every step."""
     tokenizer = get_tokenizer()
 
     async def schedule(seed: int) -> int:
@@ -492,10 +501,9 @@ def test_slot_bookkeeping_under_scripted_schedules():
         chunk = int(rng.integers(2, 8))
         engine = Engine(BookkeepingRunner, tokenizer, max_batch=max_batch, max_queue=1000, max_len=128, prefill_chunk=chunk,
                         prefill_forward=int(rng.integers(1, chunk + 1)))
-        engine._runner = BookkeepingRunner(max_batch + 1)
-        engine.state, engine._thread = "ready", threading.current_thread()
+        engine.load()  # driven by hand on this thread: no engine thread
         jobs = []
-        for step in range(60):
+        for _ in range(60):
             for _ in range(int(rng.poisson(0.8))):
                 prompt = [int(t) for t in rng.integers(0, 50000, size=int(rng.integers(1, 20)))]
                 max_tokens = int(rng.integers(1, 12))
@@ -503,12 +511,10 @@ def test_slot_bookkeeping_under_scripted_schedules():
                 jobs.append((prompt, max_tokens, submission, asyncio.ensure_future(collect(submission))))
             if jobs and rng.random() < 0.1:
                 jobs[int(rng.integers(len(jobs)))][2].cancel()
-            engine._step()
-            engine._flush_outputs()
+            engine.step()
             await asyncio.sleep(0)
         while not engine.idle:
-            engine._step()
-            engine._flush_outputs()
+            engine.step()
             await asyncio.sleep(0)
         for prompt, max_tokens, _, task in jobs:
             result = (await task)[0]
@@ -520,7 +526,129 @@ def test_slot_bookkeeping_under_scripted_schedules():
                 assert result["tokens"] == want[: len(result["tokens"])]
             else:
                 assert (result["tokens"], result["finish"]) == (want, "length"), seed
-        return engine._runner.moves
+        return engine.runner.moves
 
     moves = sum(asyncio.run(schedule(seed)) for seed in range(80))
     assert moves > 0
+
+
+# --- an engine driven by hand (no thread), on the bookkeeping runner ---------------------------------------
+def bookkeeping_reference(prompt, max_tokens) -> list[int]:
+    history, out = list(prompt), []
+    for _ in range(max_tokens):
+        out.append(BookkeepingRunner.next_token(history))
+        history.append(out[-1])
+    return out
+
+
+def by_hand(engine: Engine, submit) -> list[list[dict]]:
+    """Step `engine` on this thread until it is idle; `submit(engine)` makes the submissions."""
+
+    async def go():
+        submissions = submit(engine)
+        tasks = [asyncio.ensure_future(collect(s)) for s in submissions]
+        while not engine.idle:
+            engine.step()
+            await asyncio.sleep(0)
+        return [await t for t in tasks]
+
+    return asyncio.run(go())
+
+
+def test_stats_records_account_for_every_step_token_and_sequence():
+    """10 sequences on 3 slots and one cancelled while waiting: the per-step records add up to what
+    was generated, each first token is reported no later than its sequence's finish, and the last
+    record shows an empty engine."""
+    rng = np.random.default_rng(11)
+    jobs = [([int(t) for t in rng.integers(0, 50000, size=int(rng.integers(1, 20)))], int(rng.integers(1, 9))) for _ in range(10)]
+    records: list[StepStats] = []
+    engine = Engine(BookkeepingRunner, get_tokenizer(), max_batch=3, max_queue=100, max_len=128, prefill_chunk=8, prefill_forward=4,
+                    stats_callback=records.append)
+    engine.load()
+    steps = 0
+    original_step = engine.step
+
+    def counted_step():
+        nonlocal steps
+        steps += 1
+        original_step()
+
+    engine.step = counted_step
+
+    def submit(engine):
+        submissions = [engine.submit([greedy(p, n, ignore_eos=True)]) for p, n in jobs]
+        cancelled = engine.submit([greedy([1, 2, 3], 5)])
+        cancelled.cancel()  # taken before admission at the first step: it never gets a slot
+        return [*submissions, cancelled]
+
+    results = by_hand(engine, submit)
+    assert [r[0]["tokens"] for r in results[:-1]] == [bookkeeping_reference(p, n) for p, n in jobs]
+    assert results[-1][0]["finish"] == "abort"
+
+    assert len(records) == steps
+    total = lambda field: sum(getattr(r, field) for r in records)  # noqa: E731
+    every = lambda field: [x for r in records for x in getattr(r, field)]  # noqa: E731
+    assert total("generation_tokens") == sum(n for _, n in jobs)
+    assert total("prompt_tokens") == total("prefill_tokens") == sum(len(p) for p, _ in jobs)
+    assert len(every("queue_times")) == len(every("time_to_first_tokens")) == len(every("prefill_times")) == len(jobs)
+    assert len(every("inter_token_latencies")) == sum(n - 1 for _, n in jobs)
+    assert all(x >= 0 for f in ("queue_times", "time_to_first_tokens", "prefill_times", "inter_token_latencies") for x in every(f))
+    assert max(r.decode_batch_size for r in records) == 3 and total("decode_time") > 0 and total("prefill_time") > 0
+    assert all(r.kv_rows_used <= r.running <= 3 and r.step_time >= r.prefill_time + r.decode_time for r in records)
+    assert (records[-1].running, records[-1].waiting, records[-1].kv_rows_used) == (0, 0, 0)
+
+    finished = every("finished")
+    assert sorted(f.finish_reason for f in finished) == ["abort"] + ["length"] * len(jobs)
+    aborted = next(f for f in finished if f.finish_reason == "abort")
+    assert (aborted.queue_time, aborted.time_to_first_token, aborted.decode_time, aborted.completion_tokens) == (None, None, None, 0)
+    done = [f for f in finished if f.finish_reason == "length"]
+    assert sorted((f.prompt_tokens, f.completion_tokens) for f in done) == sorted((len(p), n) for p, n in jobs)
+    for f in done:
+        assert 0 <= f.queue_time <= f.time_to_first_token <= f.e2e_latency
+        assert f.prefill_time == pytest.approx(f.time_to_first_token - f.queue_time) and f.decode_time >= 0
+        first_step = next(i for i, r in enumerate(records) if f.time_to_first_token in r.time_to_first_tokens)
+        finish_step = next(i for i, r in enumerate(records) if f in r.finished)
+        assert first_step <= finish_step
+
+
+def test_one_sequences_output_failure_ends_it_alone(monkeypatch):
+    """A sequence whose sampling fails at its first token (a logit_bias id past the vocabulary) and
+    one whose output fails at its fourth token end with finish_reason "error" and the exception in
+    `error`; the other sequences of the same batches are untouched and no slot is lost."""
+    doomed = greedy([5, 6, 7], 10, ignore_eos=True)
+    original = OutputProcessor.accept
+
+    def accept(self, logits, at_context_end):
+        if self.request is doomed and self.generated == 3:
+            raise ValueError("a broken detokenizer")
+        return original(self, logits, at_context_end)
+
+    monkeypatch.setattr(OutputProcessor, "accept", accept)
+    bad_bias = SequenceRequest(prompt=[1, 2], max_tokens=5, params=SamplingParams(temperature=0.0, logit_bias={10**6: 1.0}))
+    others = [greedy([11 + i, 12, 13 + i], 8, ignore_eos=True) for i in range(4)]
+    records: list[StepStats] = []
+    engine = Engine(BookkeepingRunner, get_tokenizer(), max_batch=4, max_queue=100, max_len=128, prefill_chunk=16,
+                    stats_callback=records.append)
+    engine.load()
+    results = by_hand(engine, lambda e: [e.submit([others[0], doomed, others[1]]), e.submit([bad_bias, others[2], others[3]])])
+    flat = results[0] + results[1]
+    for r, req in zip([flat[0], flat[2], flat[4], flat[5]], others):
+        assert (r["tokens"], r["finish"]) == (bookkeeping_reference(req.prompt, 8), "length")
+    assert flat[1]["finish"] == "error" and flat[1]["tokens"] == bookkeeping_reference(doomed.prompt, 3)
+    assert flat[1]["error"] == "ValueError: a broken detokenizer"
+    assert flat[3]["finish"] == "error" and flat[3]["tokens"] == [] and flat[3]["error"].startswith("IndexError")
+    reasons = sorted(f.finish_reason for r in records for f in r.finished)
+    assert reasons == ["error"] * 2 + ["length"] * 4
+    assert engine.idle and engine.active_count == 0 and records[-1].kv_rows_used == 0
+    again = by_hand(engine, lambda e: [e.submit([greedy([9, 9], 4, ignore_eos=True)])])
+    assert again[0][0]["tokens"] == bookkeeping_reference([9, 9], 4)
+
+
+def test_a_failing_stats_callback_does_not_stop_the_engine():
+    def broken(stats):
+        raise RuntimeError("a subscriber bug")
+
+    engine = Engine(BookkeepingRunner, get_tokenizer(), max_batch=2, max_queue=10, max_len=128, stats_callback=broken)
+    engine.load()
+    results = by_hand(engine, lambda e: [e.submit([greedy([3, 4], 6, ignore_eos=True)])])
+    assert results[0][0]["tokens"] == bookkeeping_reference([3, 4], 6) and results[0][0]["finish"] == "length"

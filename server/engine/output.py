@@ -1,0 +1,127 @@
+"""Turning one sequence's logits into its outputs: sampling, logprobs, detokenizing, stop strings
+and finish reasons.
+
+One `OutputProcessor` per sequence holds everything that is the sequence's own: its sampling
+generator and token counts (penalties), its streaming detokenizer, its stop-string matcher, and
+the `SequenceOutput` being built in the current step. The engine hands it logits (NumPy, one row)
+and takes the finished output once a step; nothing here touches the model or the KV cache, so an
+exception raised here concerns this sequence only, and the engine ends it alone.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from nanogpt_mlx.model.sampling import choose_token, log_softmax, top_logprobs
+from nanogpt_mlx.model.tokenizer import EOT_ID, StreamingDetokenizer
+from nanogpt_mlx.server.engine.types import SequenceOutput, SequenceRequest, TokenLogprob
+from nanogpt_mlx.server.stop_strings import StopStringMatcher
+
+
+def rng_for(request: SequenceRequest) -> np.random.Generator:
+    """Choice 0 draws like `nanogpt-mlx generate --seed`; other choices get their own stream."""
+    seed = request.params.seed
+    if seed is None or request.choice == 0:
+        return request.params.make_rng()
+    return np.random.default_rng([seed, request.choice])
+
+
+class OutputProcessor:
+    """One sequence's logits -> tokens -> text and logprobs, accumulated into the pending output."""
+
+    def __init__(self, request: SequenceRequest, tokenizer):
+        self.request = request
+        self.generated = 0  # tokens sampled so far, EOT included
+        self.last_token = -1  # the latest sampled token (the next decode's input)
+        self._counts: Counter[int] = Counter()  # generated tokens, for the penalties
+        self._rng = rng_for(request)
+        self._detokenizer = StreamingDetokenizer(tokenizer)
+        self._stops = StopStringMatcher(request.stop)
+        self._stop_string_hit = False
+        self._prompt_logprobs: list[TokenLogprob] | None = [] if request.prompt_logprobs is not None else None
+        self._pending = SequenceOutput()
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self._prompt_logprobs is not None
+
+    # --- the prompt ------------------------------------------------------------------------------------
+    def add_prompt_logits(self, begin: int, logits: np.ndarray) -> None:
+        """Record the logprobs of a prompt chunk that starts at position `begin`; `logits` has one
+        row per chunk position. Logits at position p score prompt token p+1; the prompt's first
+        token has none."""
+        prompt, k = self.request.prompt, self.request.prompt_logprobs
+        if begin == 0:
+            self._prompt_logprobs.append(TokenLogprob(prompt[0], None, []))
+        scored = min(len(logits), len(prompt) - begin - 1)  # the chunk's last row may score a generated token
+        if scored <= 0:
+            return
+        logprobs = log_softmax(logits[:scored])
+        targets = np.asarray(prompt[begin + 1 : begin + 1 + scored])
+        chosen = logprobs[np.arange(scored), targets]
+        for j in range(scored):
+            self._prompt_logprobs.append(TokenLogprob(int(targets[j]), float(chosen[j]), top_logprobs(logprobs[j], k)))
+
+    def prompt_done(self) -> bool:
+        """The whole prompt is in the cache: release its logprobs, if asked. Returns whether that
+        made an output."""
+        if self._prompt_logprobs is None:
+            return False
+        self._pending.prompt_logprobs = self._prompt_logprobs
+        return True
+
+    # --- one token ---------------------------------------------------------------------------------------
+    def accept(self, logits: np.ndarray, at_context_end: bool) -> str | None:
+        """Sample the next token from `logits` (one row, modified in place) and add it to the
+        output; return a finish_reason, or None to go on. `at_context_end`: the cache has no room
+        to feed the token back."""
+        request = self.request
+        params = request.params
+        raw_logprobs = log_softmax(logits) if params.logprobs is not None else None  # the model's own distribution
+        token = choose_token(logits, params, self._rng, self._counts)
+        self._counts[token] += 1
+        self.generated += 1
+        self.last_token = token
+
+        out = self._pending
+        out.token_ids.append(token)
+        if raw_logprobs is not None:
+            if out.logprobs is None:
+                out.logprobs = []
+            out.logprobs.append(TokenLogprob(token, float(raw_logprobs[token]), top_logprobs(raw_logprobs, params.logprobs)))
+
+        if token == EOT_ID and not request.ignore_eos:
+            return "stop"
+        if token != EOT_ID:  # with ignore_eos the EOT is generated but shows no text
+            text, hit = self._stops.feed(self._detokenizer.add(token))
+            out.text += text
+            if hit:
+                self._stop_string_hit = True
+                return "stop"
+        if self.generated >= request.max_tokens or at_context_end:
+            return "length"
+        return None
+
+    # --- the end -----------------------------------------------------------------------------------------
+    def finish(self, reason: str, error: str | None = None) -> None:
+        """Make the pending output the last one: the held-back text, the finish reason, the counts.
+
+        After an error the detokenizer and the stop matcher are left alone (either may be what
+        failed, and the text of a failed sequence is not shown)."""
+        out = self._pending
+        if reason != "error" and not self._stop_string_hit:
+            # Flush what the detokenizer and the stop matcher still hold (a stop string may
+            # complete in the flushed bytes, which ends the text there).
+            text, hit = self._stops.feed(self._detokenizer.finalize())
+            out.text += text if hit else text + self._stops.flush()
+        out.finish_reason = reason
+        out.error = error
+        out.prompt_tokens = len(self.request.prompt)
+        out.completion_tokens = self.generated
+
+    def take(self) -> SequenceOutput:
+        """The output built since the last `take`, and a fresh one to build the next."""
+        out, self._pending = self._pending, SequenceOutput()
+        return out

@@ -1,0 +1,124 @@
+"""What goes into the engine, what comes out of it, and what it reports about itself.
+
+`SequenceRequest` in, `SequenceOutput`s out (through a `Submission`, see loop.py). After every
+step the engine hands a `StepStats` to its stats callback, with a `SequenceStats` for each
+sequence that finished in that step; the engine itself knows nothing of Prometheus
+(server/metrics.py subscribes), as vLLM's scheduler emits `SchedulerStats`/`IterationStats`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from nanogpt_mlx.model.sampling import SamplingParams
+
+
+# --- in and out ------------------------------------------------------------------------------------
+@dataclass
+class SequenceRequest:
+    """One sequence to generate. The caller has checked len(prompt) + max_tokens <= context."""
+
+    prompt: list[int]
+    max_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    prompt_logprobs: int | None = None  # echo + logprobs: logprobs of the prompt, with k alternatives
+    choice: int = 0  # index among the request's choices; seeds a distinct stream for n > 1
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float | None  # None for a prompt's first token (nothing precedes it)
+    top: list[tuple[int, float]]  # the k most likely alternatives at that position
+
+
+@dataclass
+class SequenceOutput:
+    """What one sequence produced in one engine step."""
+
+    text: str = ""  # newly released text (stop-string holdback may delay text behind tokens)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when asked
+    prompt_logprobs: list[TokenLogprob] | None = None  # once, before any generated token, when asked
+    finish_reason: str | None = None  # stop | length | abort | error; set on the last output only
+    prompt_tokens: int = 0  # set on the last output
+    completion_tokens: int = 0  # set on the last output: every generated token, EOT included
+    error: str | None = None  # with finish_reason "error"
+
+
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+# --- errors ------------------------------------------------------------------------------------------
+class QueueFullError(Exception):
+    """The waiting queue has no room for the request's sequences (try again later)."""
+
+
+class EngineUnavailableError(Exception):
+    """The engine is loading, draining for shutdown, or has stopped."""
+
+
+# --- stats -------------------------------------------------------------------------------------------
+@dataclass
+class SequenceStats:
+    """One finished sequence, from arrival to its final output. Times in seconds (monotonic clock).
+
+    A phase the sequence never reached is None: `queue_time` when it was cancelled while waiting,
+    `time_to_first_token`, `prefill_time` and `decode_time` when it generated no token.
+    """
+
+    finish_reason: str  # stop | length | abort | error
+    prompt_tokens: int
+    completion_tokens: int  # every generated token, EOT included
+    e2e_latency: float  # arrival -> finished
+    queue_time: float | None  # arrival -> got a KV-cache slot
+    time_to_first_token: float | None  # arrival -> first token
+    prefill_time: float | None  # got a slot -> first token
+    decode_time: float | None  # first token -> finished
+
+    @property
+    def mean_inter_token_latency(self) -> float | None:
+        """The decode time spread over the tokens after the first (the per-token latencies are in
+        each step's `StepStats.inter_token_latencies`, observed as they happen)."""
+        if self.decode_time is None or self.completion_tokens < 2:
+            return None
+        return self.decode_time / (self.completion_tokens - 1)
+
+
+@dataclass
+class StepStats:
+    """What one engine step did, and the engine's state after it.
+
+    The latency lists hold one entry per event of this step, so a subscriber observes each at the
+    step where it happened: a queue time per sequence given a slot, a time to first token and a
+    prefill time per first token, an inter-token latency per later token.
+    """
+
+    # state after the step
+    running: int = 0  # sequences holding a KV-cache slot (prefilling or decoding)
+    waiting: int = 0  # sequences waiting for a slot
+    kv_rows_used: int = 0  # KV-cache rows held (= running: one row per sequence)
+    # work done
+    decode_batch_size: int = 0  # rows advanced by this step's batched decode (0: no decode)
+    prefill_tokens: int = 0  # prompt tokens run through the model by this step's prefill forwards
+    prompt_tokens: int = 0  # prompt tokens of the sequences whose prefill completed in this step
+    generation_tokens: int = 0  # tokens sampled (first tokens and decoded ones)
+    # timings (seconds)
+    step_time: float = 0.0  # the whole step, outputs and sampling included
+    prefill_time: float = 0.0  # in the runner's prefill calls
+    decode_time: float = 0.0  # in the runner's decode call
+    # per-event latencies (seconds)
+    queue_times: list[float] = field(default_factory=list)
+    time_to_first_tokens: list[float] = field(default_factory=list)
+    prefill_times: list[float] = field(default_factory=list)
+    inter_token_latencies: list[float] = field(default_factory=list)
+    # sequences that finished in this step (including those cancelled while waiting)
+    finished: list[SequenceStats] = field(default_factory=list)
+
+
+StatsCallback = Callable[[StepStats], None]
+"""Called on the engine thread after every step (and once more if the thread dies, for the
+sequences it ends). Keep it quick; an exception it raises is logged and ignored."""
