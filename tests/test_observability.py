@@ -447,9 +447,10 @@ def test_client_leaving_a_non_streaming_request_is_logged_and_counted_as_499(tin
     with ThreadedServer(tiny_checkpoint) as server:
         runner = server.ctx.engine.runner
         decode = runner.decode
-        released = threading.Event()
+        decoding, released = threading.Event(), threading.Event()
 
         def held_decode(tokens, positions):  # a model that waits until the client has left
+            decoding.set()  # the prefill is done: the first token exists
             released.wait(120)
             return decode(tokens, positions)
 
@@ -459,12 +460,8 @@ def test_client_leaving_a_non_streaming_request_is_logged_and_counted_as_499(tin
             text = httpx.get(server.base_url + "/metrics", timeout=10).text
             return sample(text, "nanogpt_mlx_http_errors_total", status="499", code="client_disconnected")
 
-        def generated() -> float:
-            return sample(httpx.get(server.base_url + "/metrics", timeout=10).text, "nanogpt_mlx_generation_tokens_total")
-
-        before = generated()
         request = RawRequest(server.base_url, "/v1/completions", {"prompt": "x", "max_tokens": 100}, headers={"X-Request-ID": "gone-1"})
-        wait_until(lambda: generated() > before, 120, "the first token")  # prefill done, decode held
+        assert decoding.wait(120), "no decode step"
         request.hang_up()
         wait_until(lambda: count() == 1, 120, "the 499 to be counted")
         released.set()
