@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten
 from nanogpt_mlx.cli import main as cli_main
 from nanogpt_mlx.model.checkpoint import load_model
 from nanogpt_mlx.training import checkpointing as ckpt
-from nanogpt_mlx.training.data import prepare_data
+from nanogpt_mlx.training.prepare import prepare_data
 from nanogpt_mlx.training.losses import cross_entropy
 from nanogpt_mlx.training.optim import lr_schedule
 from nanogpt_mlx.training.recipe import OptimSection, Recipe, TrainingError

@@ -89,7 +89,7 @@ def run_eval(model_dir: str, data_dir: str, split: str = "val", batch_size: int 
     from tqdm import tqdm
 
     from nanogpt_mlx.model.checkpoint import load_model
-    from nanogpt_mlx.training.data import DataError, TokenShards, sequential_batches
+    from nanogpt_mlx.training.dataset import DataError, TokenShards, sequential_batches
     from nanogpt_mlx.training.recipe import TrainingError
 
     model = model or load_model(model_dir)

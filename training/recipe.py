@@ -30,7 +30,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from nanogpt_mlx.cli import UserError
+from nanogpt_mlx.errors import UserError
 from nanogpt_mlx.model.config import ModelConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"

@@ -137,7 +137,7 @@ class Trainer:
         return config
 
     def _open_data(self) -> None:
-        from nanogpt_mlx.training.data import DataError, TokenShards
+        from nanogpt_mlx.training.dataset import DataError, TokenShards
 
         if not self.data_dir:
             raise TrainingError("no training data: pass --data SHARDS_DIR (made by `nanogpt-mlx prepare-data`) or set data.train")
@@ -252,7 +252,7 @@ class Trainer:
 
     # --- data ---------------------------------------------------------------------------------
     def _sampler_for_step(self):
-        from nanogpt_mlx.training.data import RandomWindowSampler
+        from nanogpt_mlx.training.dataset import RandomWindowSampler
 
         index, _, seq_len, batch = self.recipe.phase_at(self.step)
         if index != self.phase_index:
@@ -287,7 +287,7 @@ class Trainer:
 
     # --- eval, checkpoints, logs --------------------------------------------------------------
     def evaluate(self):
-        from nanogpt_mlx.training.data import sequential_batches
+        from nanogpt_mlx.training.dataset import sequential_batches
 
         if self.val_shards is None or not self.recipe.data.eval_batches:
             return None
