@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -30,6 +29,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from nanogpt_mlx.atomic import atomic_file, write_text
 from nanogpt_mlx.model.checkpoint import CheckpointError, load_config, load_model
 from nanogpt_mlx.model.gpt import GPT
 from nanogpt_mlx.training import checkpointing as ckpt
@@ -328,9 +328,7 @@ class Trainer:
         if not path.is_file():
             return
         kept = [line for line in path.read_text().splitlines() if line.strip() and _json_step(line) <= self.step]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        write_text(path, "".join(line + "\n" for line in kept))
 
     # --- the loop -----------------------------------------------------------------------------
     def fit(self, stop_at: int | None = None) -> dict:
@@ -342,7 +340,7 @@ class Trainer:
         self._last_save = self._t_start
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / RECIPE_FILE).write_text(self.recipe.to_json() + "\n")
+            write_text(self.run_dir / RECIPE_FILE, self.recipe.to_json() + "\n")
             self._truncate_log()
         self._sampler_for_step()
         params = self.model.num_params()
@@ -482,7 +480,8 @@ def plot_losses(log_path: Path, png_path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png_path.with_name(png_path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        with atomic_file(png_path, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+    finally:
+        plt.close(fig)
