@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanogpt_mlx.model.tokenizer import get_tokenizer
 from nanogpt_mlx.atomic import is_temporary
 from nanogpt_mlx.errors import UserError
+from nanogpt_mlx.model.tokenizer import get_tokenizer
 from nanogpt_mlx.training.dataset import DataError, RandomWindowSampler, TokenShards, load_manifest, sequential_batches
 from nanogpt_mlx.training.prepare import prepare_data
 from nanogpt_mlx.training.split import held_out

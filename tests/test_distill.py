@@ -12,6 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from test_train import TINY_MODEL, write_recipe, write_shards
 
 from nanogpt_mlx.model.checkpoint import load_model, save_checkpoint
 from nanogpt_mlx.model.config import ModelConfig
@@ -20,7 +21,6 @@ from nanogpt_mlx.model.tokenizer import get_tokenizer, text_to_token, token_to_t
 from nanogpt_mlx.training.distill import HTTPTeacher, run_distill
 from nanogpt_mlx.training.losses import cross_entropy, distill_kl_full, distill_kl_topk, distillation_loss
 from nanogpt_mlx.training.recipe import Recipe, TrainingError
-from test_train import TINY_MODEL, write_recipe, write_shards
 
 ENC = get_tokenizer()
 TOP_K = 5
@@ -201,7 +201,7 @@ def test_token_strings_round_trip():
     assert shown == [token_text(i) for i in range(ENC.n_vocab)]  # the API's convention, written out above
     assert [text_to_token(ENC, s) for s in shown] == list(range(ENC.n_vocab))
     partial = [i for i, s in enumerate(shown) if s.startswith("bytes:")]
-    assert partial and all(len(s) == len("bytes:") + 4 * len(ENC.decode_single_token_bytes(i)) for i, s in zip(partial, (shown[i] for i in partial)))
+    assert partial and all(len(shown[i]) == len("bytes:") + 4 * len(ENC.decode_single_token_bytes(i)) for i in partial)
     hello = ENC.encode_ordinary(" Hello")[0]
     assert text_to_token(ENC, "bytes:" + "".join(f"\\x{b:02x}" for b in b" Hello")) == hello
     assert text_to_token(ENC, f"token_id:{hello}") == hello

@@ -178,7 +178,7 @@ def latest_checkpoint(run_dir: str | os.PathLike, expected: ModelConfig) -> Resu
     """The newest readable checkpoint of the run (a damaged newest one falls back to the one
     before, with a warning); None when the run has none. Raises TrainingError when the newest
     readable checkpoint is of a different model than the recipe describes."""
-    for step, path in reversed(list_checkpoints(run_dir)):
+    for _step, path in reversed(list_checkpoints(run_dir)):
         try:
             config = load_config(path)
         except CheckpointError as exc:

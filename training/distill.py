@@ -119,9 +119,11 @@ class HTTPTeacher:
         try:
             top = answer["choices"][0]["logprobs"]["top_logprobs"]
         except (KeyError, IndexError, TypeError) as exc:
-            raise TrainingError(f"teacher {self.endpoint}: the answer has no choices[0].logprobs.top_logprobs (does it support echo + logprobs?)") from exc
+            raise TrainingError(f"teacher {self.endpoint}: the answer has no choices[0].logprobs.top_logprobs "
+                                "(does it support echo + logprobs?)") from exc
         if len(top) < n_positions + 1:
-            raise TrainingError(f"teacher {self.endpoint} returned logprobs for {len(top)} prompt tokens, expected {n_positions + 1}: does it honour echo?")
+            raise TrainingError(f"teacher {self.endpoint} returned logprobs for {len(top)} prompt tokens, expected {n_positions + 1}: "
+                                "does it honour echo?")
         ids = np.zeros((n_positions, self.top_k), dtype=np.int32)
         logprobs = np.full((n_positions, self.top_k), -np.inf, dtype=np.float32)
         for t in range(n_positions):
@@ -182,7 +184,8 @@ def full_kl_loss(alpha: float, temperature: float):
 def topk_kl_loss(alpha: float, temperature: float):
     def loss_fn(model, x, y, topk_ids, topk_logprobs):
         logits = model(x)
-        return distillation_loss(cross_entropy(logits, y), distill_kl_topk(logits, topk_ids, topk_logprobs, temperature), alpha, temperature)
+        kl = distill_kl_topk(logits, topk_ids, topk_logprobs, temperature)
+        return distillation_loss(cross_entropy(logits, y), kl, alpha, temperature)
 
     return loss_fn
 
@@ -197,7 +200,8 @@ def run_distill(recipe: Recipe, out_dir: str, resume: bool = False, init_from: s
     teacher = make_teacher(recipe)
     student_vocab = recipe.model_config().vocab_size if not init_from else None
     if student_vocab is not None and teacher.vocab_size != student_vocab:
-        raise TrainingError(f"the teacher has a {teacher.vocab_size}-token vocabulary, the student {student_vocab}: they must share the tokenizer")
+        raise TrainingError(f"the teacher has a {teacher.vocab_size}-token vocabulary, the student {student_vocab}: "
+                            "they must share the tokenizer")
     longest = max(seq for _, seq, _ in recipe.phases())
     if teacher.block_size is not None and longest > teacher.block_size:
         raise TrainingError(f"seq_len {longest} exceeds the teacher's context ({teacher.block_size})")
@@ -208,9 +212,11 @@ def run_distill(recipe: Recipe, out_dir: str, resume: bool = False, init_from: s
     else:
         loss_fn = topk_kl_loss(d.alpha, d.temperature)
         extras_fn = teacher.targets
-    trainer = Trainer(recipe, recipe.data.train, out_dir, resume=resume, init_from=init_from, progress=progress, loss_fn=loss_fn, extras_fn=extras_fn)
+    trainer = Trainer(recipe, recipe.data.train, out_dir, resume=resume, init_from=init_from, progress=progress,
+                      loss_fn=loss_fn, extras_fn=extras_fn)
     if teacher.vocab_size != trainer.config.vocab_size:
-        raise TrainingError(f"the teacher has a {teacher.vocab_size}-token vocabulary, the student {trainer.config.vocab_size}: they must share the tokenizer")
+        raise TrainingError(f"the teacher has a {teacher.vocab_size}-token vocabulary, the student {trainer.config.vocab_size}: "
+                            "they must share the tokenizer")
     summary = trainer.fit()
     if isinstance(teacher, HTTPTeacher) and trainer.is_main:
         print(f"teacher: {teacher.requests} windows fetched over HTTP (the rest from {teacher.cache_dir})", file=sys.stderr)

@@ -306,7 +306,8 @@ class Trainer:
             "world_size": self.world,
             "global_batch_rows": self.batch_size * self.world,
             "sampler": {"phase": self.phase_index, "state": self.sampler.state_dict()} if self.sampler else None,
-            "rng": {"scheme": "mx.random.seed(seed * 1000003 + step * 1009 + micro) before each micro-batch", "seed": self.recipe.train.seed},
+            "rng": {"scheme": "mx.random.seed(seed * 1000003 + step * 1009 + micro) before each micro-batch",
+                    "seed": self.recipe.train.seed},
             "data": str(self.data_dir),
             "recipe": self.recipe.to_dict(),
         }
@@ -352,7 +353,8 @@ class Trainer:
                 file=sys.stderr,
             )
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if self.is_main and _main_thread() else None
-        bar = tqdm(total=r.max_steps, initial=self.step, unit="step", desc="train", disable=not self.progress, dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        bar = tqdm(total=r.max_steps, initial=self.step, unit="step", desc="train", disable=not self.progress, dynamic_ncols=True,
+                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
         window_tokens, window_start = 0, time.perf_counter()
         last = {}
         try:
@@ -372,7 +374,9 @@ class Trainer:
                     now = time.perf_counter()
                     tok_s = window_tokens / max(now - window_start, 1e-9)
                     window_tokens, window_start = 0, now
-                    last = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": self.tokens_seen, "tok_per_s": round(tok_s, 1), "seq_len": self.seq_len, "elapsed": round(self.elapsed_before + now - self._t_start, 1)}
+                    last = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": self.tokens_seen,
+                            "tok_per_s": round(tok_s, 1), "seq_len": self.seq_len,
+                            "elapsed": round(self.elapsed_before + now - self._t_start, 1)}
                     self._log(last)
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
 
@@ -402,7 +406,8 @@ class Trainer:
         result = self.evaluate()
         if result is None:
             return None
-        record = {"step": self.step, "val_loss": result.loss, "val_ppl": result.perplexity, "tokens": self.tokens_seen, "eval_tok_per_s": round(result.tok_per_s, 1)}
+        record = {"step": self.step, "val_loss": result.loss, "val_ppl": result.perplexity, "tokens": self.tokens_seen,
+                  "eval_tok_per_s": round(result.tok_per_s, 1)}
         improved = result.loss < self.best_val
         if improved:
             self.best_val = result.loss
@@ -411,7 +416,8 @@ class Trainer:
             if improved:
                 ckpt.save_best(self.run_dir, self.model, self._state(val_loss=result.loss))
             plot_losses(self.run_dir / LOG_FILE, self.run_dir / PLOT_FILE)
-            print(f"\nstep {self.step}: val loss {result.loss:.4f}, perplexity {result.perplexity:,.2f}" + (" (best)" if improved else ""), file=sys.stderr)
+            print(f"\nstep {self.step}: val loss {result.loss:.4f}, perplexity {result.perplexity:,.2f}" + (" (best)" if improved else ""),
+                  file=sys.stderr)
         return result
 
     def _on_sigterm(self, signum, frame):
