@@ -180,14 +180,17 @@ def test_resume_skips_partial_and_damaged_checkpoints(shards, tmp_path, capsys):
     run = tmp_path / "run"
     recipe = tiny_recipe(train={"max_steps": 4, "save_interval_steps": 2, "eval_interval": 0})
     Trainer(recipe, str(shards), str(run), progress=False).fit()
-    partial = run / "checkpoints" / ".step_00000006.partial-999"
+    partial = run / "checkpoints" / ".step_00000006.partial-999"  # the name earlier versions used
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"half")
+    staging = run / "checkpoints" / ".step_00000008.tmp-abc123"  # a killed atomic_dir
+    staging.mkdir()
+    (staging / "model.safetensors").write_bytes(b"half")
     damaged = run / "checkpoints" / ckpt.step_dir_name(4) / "optimizer.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:100])  # torn write
     resumed = Trainer(recipe.override(["train.max_steps=6"]), str(shards), str(run), resume=True, progress=False)
     assert resumed.step == 2
-    assert not partial.exists()
+    assert not partial.exists() and not staging.exists()
     assert "skipping damaged checkpoint" in capsys.readouterr().err
 
 
