@@ -97,3 +97,53 @@ def _complete_utf8_prefix(data: bytes) -> int:
         need = 2 if byte & 0b1110_0000 == 0b1100_0000 else 3 if byte & 0b1111_0000 == 0b1110_0000 else 4 if byte & 0b1111_1000 == 0b1111_0000 else 1
         return n if back >= need else n - back
     return n
+
+
+# --- tokens as the OpenAI API shows them -------------------------------------------------------
+# The API names tokens by text (logprobs' `tokens` and `top_logprobs` keys). A GPT-2 token is a
+# byte string that need not be valid UTF-8 on its own (half of a multi-byte character); such a
+# token is shown as "bytes:\xNN..." (lower-case hex, the form vLLM uses). Servers that name
+# tokens by id (vLLM's --return-tokens-as-token-ids) write "token_id:N".
+BYTES_PREFIX = "bytes:"
+TOKEN_ID_PREFIX = "token_id:"
+
+
+def token_to_text(tokenizer: tiktoken.Encoding, token: int) -> str:
+    """The string the API shows for `token`: its text, or `bytes:\\xNN...` when its bytes are not
+    valid UTF-8 on their own."""
+    data = tokenizer.decode_single_token_bytes(token)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return BYTES_PREFIX + "".join(f"\\x{b:02x}" for b in data)
+
+
+def text_to_token(tokenizer: tiktoken.Encoding, text: str) -> int | None:
+    """The token id behind a string the API showed (`token_to_text`'s inverse); also reads the
+    `bytes:\\xNN...` form of any token and `token_id:N`. None when no single token matches."""
+    by_text, by_bytes = _token_tables(tokenizer)
+    token = by_text.get(text)
+    if token is not None:
+        return token
+    if text.startswith(BYTES_PREFIX):
+        escapes = text[len(BYTES_PREFIX):]
+        if len(escapes) % 4 == 0 and escapes and all(escapes[i:i + 2] == "\\x" for i in range(0, len(escapes), 4)):
+            try:
+                return by_bytes.get(bytes.fromhex(escapes.replace("\\x", "")))
+            except ValueError:
+                return None
+    if text.startswith(TOKEN_ID_PREFIX):
+        number = text[len(TOKEN_ID_PREFIX):]
+        if number.isdigit() and int(number) < tokenizer.n_vocab:
+            return int(number)
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _token_tables(tokenizer: tiktoken.Encoding) -> tuple[dict[str, int], dict[bytes, int]]:
+    """{text shown by token_to_text: id} and {token bytes: id}, built once per tokenizer."""
+    by_text, by_bytes = {}, {}
+    for token in range(tokenizer.n_vocab):
+        by_bytes.setdefault(tokenizer.decode_single_token_bytes(token), token)
+        by_text.setdefault(token_to_text(tokenizer, token), token)
+    return by_text, by_bytes

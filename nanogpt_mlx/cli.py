@@ -13,18 +13,16 @@ import argparse
 import importlib
 import sys
 
+from nanogpt_mlx.errors import UserError
+
 # Modules that contribute subcommands, in the order `--help` lists them.
 COMMAND_MODULES = [
     "nanogpt_mlx.server.cli",
     "nanogpt_mlx.model.cli",
-    "nanogpt_mlx.training.data",
+    "nanogpt_mlx.training.prepare",
     "nanogpt_mlx.training.cli",
     "nanogpt_mlx.benchmarks.cli",
 ]
-
-
-class UserError(Exception):
-    """A problem the user can fix; printed as `error: ...` with exit code 2, no traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:

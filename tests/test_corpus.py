@@ -11,21 +11,14 @@ from pathlib import Path
 import pytest
 
 from nanogpt_mlx.training import corpus
-from nanogpt_mlx.training.corpus import (
-    CorpusError,
-    Doc,
-    Source,
-    SourceUnavailable,
-    brown_text,
-    build_corpus,
-    dictd_entries,
-    html_prose,
-    in_val_by_hash,
-    normalize,
-    osis_to_text,
-    split_tail,
-    sword_chapters,
-)
+from nanogpt_mlx.training.corpus import CorpusError, Doc, Source, SourceUnavailable, build_corpus
+from nanogpt_mlx.training.corpus.bibles import OSIS_BOOKS, pythonbible_books
+from nanogpt_mlx.training.corpus.brown import brown_text
+from nanogpt_mlx.training.corpus.dictionaries import _B64, dictd_entries
+from nanogpt_mlx.training.corpus.html_docs import html_prose
+from nanogpt_mlx.training.corpus.sword import osis_to_text, sword_chapters
+from nanogpt_mlx.training.corpus.text import normalize
+from nanogpt_mlx.training.split import held_out, split_tail
 
 
 def test_normalize_modes():
@@ -64,8 +57,8 @@ def test_split_tail_cuts_last_two_percent_at_a_paragraph():
 
 def test_hash_split_is_deterministic_and_about_two_percent():
     docs = [f"document {i}" for i in range(20000)]
-    held = [d for d in docs if in_val_by_hash(d)]
-    assert held == [d for d in docs if in_val_by_hash(d)]
+    held = [d for d in docs if held_out(d)]
+    assert held == [d for d in docs if held_out(d)]
     assert 0.015 < len(held) / len(docs) < 0.025
 
 
@@ -149,7 +142,7 @@ def test_html_prose_keeps_paragraphs_and_drops_code_and_navigation(tmp_path):
 def test_dictd_entries(tmp_path):
     body = b"00-database-info\nabout\n" + b"apple\n n.\n\n    A fruit.\n" + b"pear\n n.\n\n    Another.\n"
     (tmp_path / "d.dict.dz").write_bytes(gzip.compress(body))
-    b64 = corpus._B64
+    b64 = _B64
 
     def enc(n: int) -> str:
         out = ""
@@ -202,9 +195,8 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_build_corpus_writes_split_and_report(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus, "SOURCES", fake_sources())
-    report = build_corpus(tmp_path / "c", log=lambda msg: None)
+def test_build_corpus_writes_split_and_report(tmp_path):
+    report = build_corpus(tmp_path / "c", catalogue=fake_sources(), log=lambda msg: None)
     train, val = read_jsonl(tmp_path / "c/train.jsonl"), read_jsonl(tmp_path / "c/val.jsonl")
 
     bible_val = [r["text"] for r in val if r["source"] == "bible"]
@@ -214,7 +206,7 @@ def test_build_corpus_writes_split_and_report(tmp_path, monkeypatch):
     many_train = [r["text"] for r in train if r["source"] == "many"]
     many_val = [r["text"] for r in val if r["source"] == "many"]
     assert len(many_train) + len(many_val) == 300  # the duplicate was dropped
-    assert all(in_val_by_hash(t) for t in many_val) and not any(in_val_by_hash(t) for t in many_train)
+    assert all(held_out(t) for t in many_val) and not any(held_out(t) for t in many_train)
 
     work_train = [r["text"] for r in train if r["source"] == "work"]
     work_val = [r["text"] for r in val if r["source"] == "work"]
@@ -231,16 +223,15 @@ def test_build_corpus_writes_split_and_report(tmp_path, monkeypatch):
 
     # Rebuilding gives byte-identical output.
     before = (tmp_path / "c/train.jsonl").read_bytes(), (tmp_path / "c/val.jsonl").read_bytes()
-    build_corpus(tmp_path / "c", log=lambda msg: None)
+    build_corpus(tmp_path / "c", catalogue=fake_sources(), log=lambda msg: None)
     assert ((tmp_path / "c/train.jsonl").read_bytes(), (tmp_path / "c/val.jsonl").read_bytes()) == before
 
 
-def test_build_corpus_errors(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus, "SOURCES", fake_sources())
+def test_build_corpus_errors(tmp_path):
     with pytest.raises(CorpusError, match="unknown source"):
-        build_corpus(tmp_path, ["nope"])
+        build_corpus(tmp_path, ["nope"], catalogue=fake_sources())
     with pytest.raises(CorpusError, match="no source could be built"):
-        build_corpus(tmp_path, ["gone"], log=lambda msg: None)
+        build_corpus(tmp_path, ["gone"], catalogue=fake_sources(), log=lambda msg: None)
     assert corpus.main(["--out", str(tmp_path), "--sources", "nope"]) == 2
 
 
@@ -280,8 +271,8 @@ def test_pythonbible_books(tmp_path, drift):
     chapters = {b: [[f"Book {name(b)} chapter {name(c)} verse {name(v)}."
                      for v in range(1, 2 + (b + c) % 3)] for c in range(1, 3)] for b in range(1, 67)}
     write_pythonbible(tmp_path, "fakebible", chapters, drift)
-    docs = list(corpus._pythonbible_books(tmp_path, "fakebible"))
-    assert [d.key for d in docs] == list(corpus.OSIS_BOOKS)
+    docs = list(pythonbible_books(tmp_path, "fakebible"))
+    assert [d.key for d in docs] == list(OSIS_BOOKS)
     assert docs[-1].text == (
         "Book Gg chapter Ab verse Ab. Book Gg chapter Ab verse Ac.\n\n"
         "Book Gg chapter Ac verse Ab. Book Gg chapter Ac verse Ac. Book Gg chapter Ac verse Ad.")

@@ -11,16 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nanogpt_mlx.atomic import is_temporary
+from nanogpt_mlx.errors import UserError
 from nanogpt_mlx.model.tokenizer import get_tokenizer
-from nanogpt_mlx.training.data import (
-    DataError,
-    RandomWindowSampler,
-    TokenShards,
-    document_in_val,
-    load_manifest,
-    prepare_data,
-    sequential_batches,
-)
+from nanogpt_mlx.training.dataset import DataError, RandomWindowSampler, TokenShards, load_manifest, sequential_batches
+from nanogpt_mlx.training.prepare import prepare_data
+from nanogpt_mlx.training.split import held_out
 
 ENC = get_tokenizer()
 EOT = ENC.eot_token
@@ -175,8 +171,8 @@ def test_hash_split_is_deterministic_and_exact(tmp_path):
         assert read_split(tmp_path / "o1", split).tobytes() == read_split(tmp_path / "o2", split).tobytes()
     assert m1["splits"] == m2["splits"]
 
-    want_val = [t for t in docs if document_in_val(t, 0.1)]
-    want_train = [t for t in docs if not document_in_val(t, 0.1)]
+    want_val = [t for t in docs if held_out(t, 0.1)]
+    want_train = [t for t in docs if not held_out(t, 0.1)]
     assert 15 <= len(want_val) <= 70  # ~10 % of 400
     assert split_documents(read_split(tmp_path / "o1", "val")) == want_val
     assert split_documents(read_split(tmp_path / "o1", "train")) == want_train
@@ -194,11 +190,24 @@ def test_small_shards_and_rerun_removes_stale(tmp_path):
     assert [s["file"] for s in shards] == [f"train_{i:03d}.bin" for i in range(len(shards))]
     assert all(s["tokens"] == 100 for s in shards[:-1]) and 0 < shards[-1]["tokens"] <= 100
     assert read_split(out, "train").tolist() == expected_stream(docs)
-    assert not list(out.glob(".*tmp"))  # no temporary files left behind
+    assert not [p for p in out.iterdir() if is_temporary(p.name)]  # no temporary files left behind
 
     # Rewriting the same directory with one big shard leaves no stale train_001.bin behind.
     prepare_data([inp], out, val_fraction=0.0, progress=False)
     assert sorted(p.name for p in out.glob("*.bin")) == ["train_000.bin"]
+
+
+def test_failure_mid_shard_leaves_no_temporary_file(tmp_path):
+    # The first input fills some shards and leaves one open; the second one's broken line aborts the run.
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": t} for t in many_docs(30)])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{not json\n')
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="invalid JSON"):
+        prepare_data([good, bad], out, val_fraction=0.0, shard_tokens=100, progress=False)
+    assert (out / "train_000.bin").is_file()  # finished shards were renamed into place...
+    assert not [p for p in out.iterdir() if is_temporary(p.name)]
+    assert not (out / "manifest.json").exists()
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -228,7 +237,7 @@ def test_errors(tmp_path):
         prepare_data([broken], tmp_path / "o", progress=False)
     with pytest.raises(DataError, match="val-fraction"):
         prepare_data([bad], tmp_path / "o", val_fraction=1.0, progress=False)
-    assert issubclass(DataError, ValueError)
+    assert issubclass(DataError, ValueError) and issubclass(DataError, UserError)
 
 
 def test_missing_optional_dependencies(tmp_path, monkeypatch):

@@ -12,15 +12,15 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from test_train import TINY_MODEL, write_recipe, write_shards
 
 from nanogpt_mlx.model.checkpoint import load_model, save_checkpoint
 from nanogpt_mlx.model.config import ModelConfig
 from nanogpt_mlx.model.gpt import GPT
-from nanogpt_mlx.model.tokenizer import get_tokenizer
+from nanogpt_mlx.model.tokenizer import get_tokenizer, text_to_token, token_to_text
 from nanogpt_mlx.training.distill import HTTPTeacher, run_distill
 from nanogpt_mlx.training.losses import cross_entropy, distill_kl_full, distill_kl_topk, distillation_loss
 from nanogpt_mlx.training.recipe import Recipe, TrainingError
-from test_train import TINY_MODEL, write_recipe, write_shards
 
 ENC = get_tokenizer()
 TOP_K = 5
@@ -101,14 +101,27 @@ def fake_distribution(prev: int) -> dict[str, float]:
     return out
 
 
+def token_id_key(text: str, j: int) -> str:
+    """The same token named the other ways a server may name it: `token_id:N` or `bytes:\\xNN...`."""
+    (token,) = ENC.encode_ordinary(text)
+    if j % 3 == 1:
+        return f"token_id:{token}"
+    if j % 3 == 2:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in ENC.decode_single_token_bytes(token))
+    return text
+
+
 class FakeTeacher(BaseHTTPRequestHandler):
     requests: list[dict] = []
+    key_form = "text"  # "mixed": top_logprobs keys also as token_id:N and bytes:\xNN
 
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        FakeTeacher.requests.append({"path": self.path, **body})
         tokens = body["prompt"]
-        top = [None] + [fake_distribution(t)for t in tokens[:-1]]
+        top = [None] + [fake_distribution(t) for t in tokens[:-1]]
+        if FakeTeacher.key_form == "mixed":
+            top = [None] + [{token_id_key(text, j): lp for j, (text, lp) in enumerate(d.items())} for d in top[1:]]
+        FakeTeacher.requests.append({"path": self.path, **body, "answered_keys": [list(d) for d in top[1:]]})
         answer = {
             "object": "text_completion",
             "choices": [{"index": 0, "text": "", "finish_reason": "length",
@@ -164,6 +177,36 @@ def test_http_teacher_aligns_positions_and_caches(fake_server, tmp_path):
     ids2, _ = again.targets(x, y)
     assert again.requests == 0 and len(FakeTeacher.requests) == 3  # all from the disk cache
     np.testing.assert_array_equal(np.array(ids2), ids)
+
+
+def test_http_teacher_reads_token_id_and_bytes_keys(fake_server, tmp_path):
+    FakeTeacher.key_form = "mixed"
+    try:
+        teacher = HTTPTeacher(fake_server, model="fake", top_k=TOP_K, timeout=10)
+        window = np.random.default_rng(1).integers(0, 40000, (2, 7)).astype(np.int32)
+        ids, logprobs = teacher.targets(window[:, :-1], window[:, 1:])
+    finally:
+        FakeTeacher.key_form = "text"
+    keys = [k for r in FakeTeacher.requests for d in r["answered_keys"] for k in d]
+    assert any(k.startswith("token_id:") for k in keys) and any(k.startswith("bytes:") for k in keys)
+    for b in range(2):
+        for t in range(6):
+            assert list(np.array(ids)[b, t]) == expected_ids(int(window[b, t])), (b, t)
+    np.testing.assert_allclose(np.array(logprobs)[0, 0], np.log([0.6, 0.2, 0.1, 0.05, 0.03]), rtol=1e-6)
+
+
+def test_token_strings_round_trip():
+    """model.tokenizer's token <-> API string rule: what the server shows, and its inverse."""
+    shown = [token_to_text(ENC, i) for i in range(ENC.n_vocab)]
+    assert shown == [token_text(i) for i in range(ENC.n_vocab)]  # the API's convention, written out above
+    assert [text_to_token(ENC, s) for s in shown] == list(range(ENC.n_vocab))
+    partial = [i for i, s in enumerate(shown) if s.startswith("bytes:")]
+    assert partial and all(len(shown[i]) == len("bytes:") + 4 * len(ENC.decode_single_token_bytes(i)) for i in partial)
+    hello = ENC.encode_ordinary(" Hello")[0]
+    assert text_to_token(ENC, "bytes:" + "".join(f"\\x{b:02x}" for b in b" Hello")) == hello
+    assert text_to_token(ENC, f"token_id:{hello}") == hello
+    for unknown in ("no such token", "token_id:50257", "token_id:-1", "bytes:\\xzz", "bytes:", "bytes:\\x48\\x65\\x6c\\x6c\\x6f\\x21\\x21"):
+        assert text_to_token(ENC, unknown) is None, unknown
 
 
 def test_http_teacher_unreachable_is_a_clear_error(tmp_path):

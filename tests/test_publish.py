@@ -10,12 +10,11 @@ import re
 import mlx.core as mx
 import numpy as np
 import pytest
+from test_train import shards, write_recipe  # noqa: F401  (the module-scoped shards fixture)
 
 from nanogpt_mlx.model.checkpoint import load_model
 from nanogpt_mlx.model.tokenizer import get_tokenizer
 from nanogpt_mlx.training.publish import SAMPLE_PROMPTS, draw_samples
-
-from test_train import shards, write_recipe  # noqa: F401  (the module-scoped shards fixture)
 
 
 @pytest.fixture(scope="module")

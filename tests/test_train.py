@@ -21,14 +21,15 @@ from mlx.utils import tree_flatten
 from nanogpt_mlx.cli import main as cli_main
 from nanogpt_mlx.model.checkpoint import load_model
 from nanogpt_mlx.training import checkpointing as ckpt
-from nanogpt_mlx.training.data import prepare_data
 from nanogpt_mlx.training.losses import cross_entropy
 from nanogpt_mlx.training.optim import lr_schedule
+from nanogpt_mlx.training.prepare import prepare_data
 from nanogpt_mlx.training.recipe import OptimSection, Recipe, TrainingError
 from nanogpt_mlx.training.train import Trainer
 
 TINY_MODEL = {"n_layer": 2, "n_head": 4, "n_embd": 32, "n_inner": 64, "block_size": 64}
-WORDS = "the king said unto his people that a river of light shall come over the hills and all men rejoice in the morning while dogs bark at night".split()
+WORDS = ("the king said unto his people that a river of light shall come over the hills and all men rejoice in the morning "
+         "while dogs bark at night").split()
 
 
 def synthetic_docs(n: int, seed: int) -> list[str]:
@@ -179,14 +180,17 @@ def test_resume_skips_partial_and_damaged_checkpoints(shards, tmp_path, capsys):
     run = tmp_path / "run"
     recipe = tiny_recipe(train={"max_steps": 4, "save_interval_steps": 2, "eval_interval": 0})
     Trainer(recipe, str(shards), str(run), progress=False).fit()
-    partial = run / "checkpoints" / ".step_00000006.partial-999"
+    partial = run / "checkpoints" / ".step_00000006.partial-999"  # the name earlier versions used
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"half")
+    staging = run / "checkpoints" / ".step_00000008.tmp-abc123"  # a killed atomic_dir
+    staging.mkdir()
+    (staging / "model.safetensors").write_bytes(b"half")
     damaged = run / "checkpoints" / ckpt.step_dir_name(4) / "optimizer.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:100])  # torn write
     resumed = Trainer(recipe.override(["train.max_steps=6"]), str(shards), str(run), resume=True, progress=False)
     assert resumed.step == 2
-    assert not partial.exists()
+    assert not partial.exists() and not staging.exists()
     assert "skipping damaged checkpoint" in capsys.readouterr().err
 
 
@@ -253,7 +257,8 @@ def run_main(args, capsys) -> tuple[int, str]:
 
 
 def test_error_missing_data(tmp_path, capsys):
-    code, err = run_main(["train", "--config", write_recipe(tmp_path), "--data", tmp_path / "nope", "--out", tmp_path / "run"], capsys)
+    code, err = run_main(["train", "--config", write_recipe(tmp_path),
+                          "--data", tmp_path / "nope", "--out", tmp_path / "run"], capsys)
     assert code == 2 and "not found" in err
 
 
@@ -266,28 +271,34 @@ def test_error_empty_or_too_small_shards(shards, tmp_path, capsys):
     manifest["splits"]["train"]["shards"] = [{"file": "train_000.bin", "tokens": 0}]
     (empty / "manifest.json").write_text(json.dumps(manifest))
     (empty / "train_000.bin").write_bytes(b"")
-    code, err = run_main(["train", "--config", write_recipe(tmp_path), "--data", empty, "--out", tmp_path / "run"], capsys)
+    code, err = run_main(["train", "--config", write_recipe(tmp_path),
+                          "--data", empty, "--out", tmp_path / "run"], capsys)
     assert code == 2 and "empty" in err
     # a train split shorter than one window
     small = tmp_path / "small.txt"
     small.write_text("Hi there.")
     prepare_data([small], tmp_path / "small", val_inputs=[small], progress=False)
-    code, err = run_main(["train", "--config", write_recipe(tmp_path), "--data", tmp_path / "small", "--out", tmp_path / "run"], capsys)
+    code, err = run_main(["train", "--config", write_recipe(tmp_path),
+                          "--data", tmp_path / "small", "--out", tmp_path / "run"], capsys)
     assert code == 2 and "fewer than seq_len + 1" in err
 
 
 def test_error_config_contradicts_model(shards, tmp_path, capsys):
-    code, err = run_main(["train", "--config", write_recipe(tmp_path), "--data", shards, "--out", tmp_path / "run", "--seq-len", "128"], capsys)
+    code, err = run_main(["train", "--config", write_recipe(tmp_path),
+                          "--data", shards, "--out", tmp_path / "run", "--seq-len", "128"], capsys)
     assert code == 2 and "exceeds the model's context" in err
-    code, err = run_main(["train", "--config", write_recipe(tmp_path), "--data", shards, "--out", tmp_path / "run", "--set", "model.n_head=5"], capsys)
+    code, err = run_main(["train", "--config", write_recipe(tmp_path),
+                          "--data", shards, "--out", tmp_path / "run", "--set", "model.n_head=5"], capsys)
     assert code == 2 and "multiple of n_head" in err
-    code, err = run_main(["train", "--config", write_recipe(tmp_path), "--data", shards, "--out", tmp_path / "run", "--set", "optim.lrr=1"], capsys)
+    code, err = run_main(["train", "--config", write_recipe(tmp_path),
+                          "--data", shards, "--out", tmp_path / "run", "--set", "optim.lrr=1"], capsys)
     assert code == 2 and "unknown key optim.lrr" in err
 
 
 def test_error_init_from_contradicts_recipe(shards, tmp_path, capsys, tiny_checkpoint):
     # tiny_checkpoint has block_size 128; the recipe says 64
-    code, err = run_main(["train", "--config", write_recipe(tmp_path), "--data", shards, "--out", tmp_path / "run", "--init-from", tiny_checkpoint], capsys)
+    code, err = run_main(["train", "--config", write_recipe(tmp_path),
+                          "--data", shards, "--out", tmp_path / "run", "--init-from", tiny_checkpoint], capsys)
     assert code == 2 and "block_size" in err and "--init-from" in err
 
 
@@ -297,7 +308,8 @@ def test_error_resume_incompatible_checkpoint(shards, tmp_path, capsys):
     assert run_main(["train", "--config", recipe, "--data", shards, "--out", run, "--no-progress"], capsys)[0] == 0
     code, err = run_main(["train", "--config", recipe, "--data", shards, "--out", run, "--resume", "--set", "model.n_layer=3"], capsys)
     assert code == 2 and "cannot resume" in err and "n_layer: checkpoint 2, recipe 3" in err
-    code, err = run_main(["train", "--config", recipe, "--data", shards, "--out", run, "--resume", "--batch-size", "3", "--max-steps", "4"], capsys)
+    code, err = run_main(["train", "--config", recipe, "--data", shards, "--out", run, "--resume",
+                          "--batch-size", "3", "--max-steps", "4"], capsys)
     assert code == 2 and "data position" in err
     code, err = run_main(["train", "--config", recipe, "--data", shards, "--out", run], capsys)
     assert code == 2 and "--resume" in err  # never silently overwrite a run

@@ -16,10 +16,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from test_train import TINY_MODEL, write_shards
 
 from nanogpt_mlx.model.config import ModelConfig
 from nanogpt_mlx.model.gpt import GPT
-from test_train import TINY_MODEL, write_shards
 
 WORKER = '''
 import json, sys

@@ -9,11 +9,11 @@ Layout of a run directory:
     RUN/best/                        the model with the lowest validation loss so far (HF dir)
     RUN/log.jsonl, RUN/loss.png
 
-A checkpoint is assembled in a hidden `.step_N.partial-PID` directory: the model through
-`save_checkpoint` (itself atomic), then the optimizer state, every file fsynced; one rename
+A checkpoint is assembled in a temporary sibling directory (nanogpt_mlx.atomic.atomic_dir): the
+model through `save_checkpoint`, then the optimizer state; every file is fsynced, one rename
 publishes it, and the parent directory is fsynced so the rename survives a power cut. Readers
 only look at `step_*` names, so a crash at any moment leaves either the old set of
-checkpoints or the old set plus one complete new one. Leftover partial directories are
+checkpoints or the old set plus one complete new one. Leftover temporary directories are
 removed at the next start. Only after the new checkpoint is published are old ones pruned
 (the last `keep_last` stay).
 """
@@ -32,7 +32,8 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from nanogpt_mlx.model.checkpoint import CheckpointError, fsync_path, load_config, load_model, save_checkpoint
+from nanogpt_mlx.atomic import TMP_MARK, atomic_dir, fsync_path, remove_temporaries
+from nanogpt_mlx.model.checkpoint import CheckpointError, load_config, load_model, save_checkpoint
 from nanogpt_mlx.model.config import ModelConfig
 from nanogpt_mlx.model.gpt import GPT
 from nanogpt_mlx.training.recipe import TrainingError
@@ -70,13 +71,16 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def clean_partials(run_dir: str | os.PathLike) -> list[Path]:
-    """Remove directories a crash left half-written (never a published checkpoint)."""
+    """Remove what a crash left half-written (never a published checkpoint): the temporaries of
+    nanogpt_mlx.atomic, and the `.NAME.partial-PID` / `.NAME.old-PID` directories that earlier
+    versions of this module and `save_checkpoint` leave when killed mid-write."""
     removed = []
     for root in (Path(run_dir) / "checkpoints", Path(run_dir)):
+        removed += remove_temporaries(root)
         if not root.is_dir():
             continue
         for entry in root.iterdir():
-            if entry.name.startswith(".") and (".partial-" in entry.name or ".tmp-" in entry.name or ".old-" in entry.name):
+            if entry.name.startswith(".") and (".partial-" in entry.name or ".old-" in entry.name):
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry)
     return removed
@@ -111,26 +115,16 @@ def save_training_checkpoint(
 ) -> Path:
     """Publish RUN/checkpoints/step_N atomically, then prune to the newest `keep_last`."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    step = int(state["step"])
-    final = root / step_dir_name(step)
-    staging = root / f".{final.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    final = root / step_dir_name(int(state["step"]))
     full_state = {"format": STATE_FORMAT, "version": STATE_VERSION, **state}
     try:
-        save_checkpoint(model, staging, dtype="float32", extra_files={STATE_FILE: json.dumps(full_state, indent=2) + "\n"})
-        arrays = dict(tree_flatten(optimizer_state))
-        mx.save_safetensors(str(staging / OPTIMIZER_FILE), arrays)
-        fsync_path(staging / OPTIMIZER_FILE)
-        fsync_path(staging)
-        if final.exists():  # the same step saved again (e.g. the final step after a periodic save)
-            _retire(final)
-        os.replace(staging, final)
-        fsync_path(root)
+        # An existing step_N (the same step saved again, e.g. the final step after a periodic
+        # save) is replaced whole.
+        with atomic_dir(final) as staging:
+            save_checkpoint(model, staging, dtype="float32", extra_files={STATE_FILE: json.dumps(full_state, indent=2) + "\n"})
+            mx.save_safetensors(str(staging / OPTIMIZER_FILE), dict(tree_flatten(optimizer_state)))
     except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        for leftover in root.glob(f".{staging.name}.tmp-*"):  # save_checkpoint's own temp dir
-            shutil.rmtree(leftover, ignore_errors=True)
+        remove_temporaries(root)  # anything save_checkpoint had not cleaned up itself
         if is_out_of_space(exc):
             previous = list_checkpoints(run_dir)
             note = (f"The previous checkpoint {previous[-1][1]} is intact." if previous else "No earlier checkpoint exists.")
@@ -145,7 +139,7 @@ def _retire(path: Path) -> None:
     """Delete a published checkpoint so that a crash midway never leaves half of one under its
     published name: rename it to a hidden name first (atomic; `clean_partials` removes such
     leftovers on resume), then delete the files."""
-    hidden = path.with_name(f".{path.name}.old-{os.getpid()}")
+    hidden = path.with_name(f".{path.name}{TMP_MARK}retired-{os.getpid()}")
     os.replace(path, hidden)
     fsync_path(path.parent)
     shutil.rmtree(hidden, ignore_errors=True)
@@ -194,7 +188,7 @@ def latest_checkpoint(run_dir: str | os.PathLike, expected: ModelConfig) -> Resu
     """The newest readable checkpoint of the run (a damaged newest one falls back to the one
     before, with a warning); None when the run has none. Raises TrainingError when the newest
     readable checkpoint is of a different model than the recipe describes."""
-    for step, path in reversed(list_checkpoints(run_dir)):
+    for _step, path in reversed(list_checkpoints(run_dir)):
         try:
             config = load_config(path)
         except CheckpointError as exc:

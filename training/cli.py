@@ -131,7 +131,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):
         raise TrainingError("--batch-size and --max-batches must be >= 1")
-    result = run_eval(args.model, args.data, split=args.split, batch_size=args.batch_size, seq_len=args.seq_len, max_batches=args.max_batches, progress=not args.no_progress)
+    result = run_eval(args.model, args.data, split=args.split, batch_size=args.batch_size, seq_len=args.seq_len,
+                      max_batches=args.max_batches, progress=not args.no_progress)
     if args.json:
         print(json.dumps(result.as_dict()))
     else:

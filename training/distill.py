@@ -14,7 +14,9 @@ with alpha 0.7 and T 2 by default (recipe section [distill]). Two kinds of teach
   by URL, model, k and the tokens), so a resumed or repeated run does not ask again.
 
 The teachers must share the student's tokenizer (GPT-2 BPE); top-logprob keys are token
-strings, mapped back to ids as `token_id:N`, OpenAI's `bytes:\\xNN` form, or the text itself.
+strings, mapped back to ids by `model.tokenizer.text_to_token` (the inverse of the rule this
+project's server renders them with: the text, `bytes:\\xNN` for bytes that are not valid UTF-8,
+or `token_id:N`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from nanogpt_mlx.atomic import atomic_file
 from nanogpt_mlx.model.checkpoint import CheckpointError, load_model
+from nanogpt_mlx.model.tokenizer import get_tokenizer, text_to_token
 from nanogpt_mlx.training.losses import cross_entropy, distill_kl_full, distill_kl_topk, distillation_loss
 from nanogpt_mlx.training.recipe import Recipe, TrainingError
 
@@ -66,8 +70,6 @@ class HTTPTeacher:
 
     def __init__(self, base_url: str, model: str = "", top_k: int = 20, cache_dir: str | os.PathLike | None = None,
                  timeout: float = 120.0, retries: int = 3, workers: int = 4, api_key: str | None = None):
-        from nanogpt_mlx.model.tokenizer import get_tokenizer
-
         if top_k < 1:
             raise TrainingError(f"distill.top_k must be >= 1, got {top_k}")
         self.base_url = base_url.rstrip("/")
@@ -78,17 +80,9 @@ class HTTPTeacher:
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.requests = 0  # answers fetched over HTTP (not from the cache)
-        enc = get_tokenizer()
-        self.vocab_size = enc.n_vocab
+        self._tokenizer = get_tokenizer()
+        self.vocab_size = self._tokenizer.n_vocab
         self.block_size = None
-        self._ids: dict[str, int] = {}
-        for i in range(enc.n_vocab):
-            raw = enc.decode_single_token_bytes(i)
-            self._ids.setdefault("bytes:" + "".join(f"\\x{b:02x}" for b in raw), i)
-            try:
-                self._ids.setdefault(raw.decode("utf-8"), i)
-            except UnicodeDecodeError:
-                pass  # a partial UTF-8 character: only reachable through the bytes: form
 
     # -- one window --
     def _cache_path(self, tokens: list[int]) -> Path | None:
@@ -125,24 +119,21 @@ class HTTPTeacher:
         try:
             top = answer["choices"][0]["logprobs"]["top_logprobs"]
         except (KeyError, IndexError, TypeError) as exc:
-            raise TrainingError(f"teacher {self.endpoint}: the answer has no choices[0].logprobs.top_logprobs (does it support echo + logprobs?)") from exc
+            raise TrainingError(f"teacher {self.endpoint}: the answer has no choices[0].logprobs.top_logprobs "
+                                "(does it support echo + logprobs?)") from exc
         if len(top) < n_positions + 1:
-            raise TrainingError(f"teacher {self.endpoint} returned logprobs for {len(top)} prompt tokens, expected {n_positions + 1}: does it honour echo?")
+            raise TrainingError(f"teacher {self.endpoint} returned logprobs for {len(top)} prompt tokens, expected {n_positions + 1}: "
+                                "does it honour echo?")
         ids = np.zeros((n_positions, self.top_k), dtype=np.int32)
         logprobs = np.full((n_positions, self.top_k), -np.inf, dtype=np.float32)
         for t in range(n_positions):
             entries = top[t + 1] or {}  # entry 0 (the first token) has no distribution
             ranked = sorted(entries.items(), key=lambda kv: -kv[1])[: self.top_k]
             for j, (text, lp) in enumerate(ranked):
-                token = self._token_id(text)
+                token = text_to_token(self._tokenizer, text)
                 if token is not None:
                     ids[t, j], logprobs[t, j] = token, lp
         return ids, logprobs
-
-    def _token_id(self, text: str) -> int | None:
-        if text.startswith("token_id:"):
-            return int(text.split(":", 1)[1])
-        return self._ids.get(text)
 
     def window(self, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Targets for the len(tokens) - 1 positions of one window."""
@@ -156,10 +147,8 @@ class HTTPTeacher:
         ids, logprobs = self._parse(self._post(tokens), len(tokens) - 1)
         self.requests += 1
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-            np.savez(tmp, ids=ids, logprobs=logprobs)
-            os.replace(tmp, path)
+            with atomic_file(path, "wb") as f:
+                np.savez(f, ids=ids, logprobs=logprobs)
         return ids, logprobs
 
     def targets(self, x: np.ndarray, y: np.ndarray) -> tuple[mx.array, mx.array]:
@@ -195,7 +184,8 @@ def full_kl_loss(alpha: float, temperature: float):
 def topk_kl_loss(alpha: float, temperature: float):
     def loss_fn(model, x, y, topk_ids, topk_logprobs):
         logits = model(x)
-        return distillation_loss(cross_entropy(logits, y), distill_kl_topk(logits, topk_ids, topk_logprobs, temperature), alpha, temperature)
+        kl = distill_kl_topk(logits, topk_ids, topk_logprobs, temperature)
+        return distillation_loss(cross_entropy(logits, y), kl, alpha, temperature)
 
     return loss_fn
 
@@ -210,7 +200,8 @@ def run_distill(recipe: Recipe, out_dir: str, resume: bool = False, init_from: s
     teacher = make_teacher(recipe)
     student_vocab = recipe.model_config().vocab_size if not init_from else None
     if student_vocab is not None and teacher.vocab_size != student_vocab:
-        raise TrainingError(f"the teacher has a {teacher.vocab_size}-token vocabulary, the student {student_vocab}: they must share the tokenizer")
+        raise TrainingError(f"the teacher has a {teacher.vocab_size}-token vocabulary, the student {student_vocab}: "
+                            "they must share the tokenizer")
     longest = max(seq for _, seq, _ in recipe.phases())
     if teacher.block_size is not None and longest > teacher.block_size:
         raise TrainingError(f"seq_len {longest} exceeds the teacher's context ({teacher.block_size})")
@@ -221,9 +212,11 @@ def run_distill(recipe: Recipe, out_dir: str, resume: bool = False, init_from: s
     else:
         loss_fn = topk_kl_loss(d.alpha, d.temperature)
         extras_fn = teacher.targets
-    trainer = Trainer(recipe, recipe.data.train, out_dir, resume=resume, init_from=init_from, progress=progress, loss_fn=loss_fn, extras_fn=extras_fn)
+    trainer = Trainer(recipe, recipe.data.train, out_dir, resume=resume, init_from=init_from, progress=progress,
+                      loss_fn=loss_fn, extras_fn=extras_fn)
     if teacher.vocab_size != trainer.config.vocab_size:
-        raise TrainingError(f"the teacher has a {teacher.vocab_size}-token vocabulary, the student {trainer.config.vocab_size}: they must share the tokenizer")
+        raise TrainingError(f"the teacher has a {teacher.vocab_size}-token vocabulary, the student {trainer.config.vocab_size}: "
+                            "they must share the tokenizer")
     summary = trainer.fit()
     if isinstance(teacher, HTTPTeacher) and trainer.is_main:
         print(f"teacher: {teacher.requests} windows fetched over HTTP (the rest from {teacher.cache_dir})", file=sys.stderr)

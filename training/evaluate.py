@@ -37,7 +37,8 @@ class EvalResult:
         return self.tokens / self.seconds if self.seconds > 0 else float("nan")
 
     def as_dict(self) -> dict:
-        return {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens, "seconds": self.seconds, "tok_per_s": self.tok_per_s}
+        return {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens, "seconds": self.seconds,
+                "tok_per_s": self.tok_per_s}
 
 
 class Evaluator:
@@ -84,12 +85,13 @@ class Evaluator:
         return EvalResult(loss=total_loss / count, tokens=count, seconds=end - start, steady_tokens=steady[0], steady_seconds=steady[1])
 
 
-def run_eval(model_dir: str, data_dir: str, split: str = "val", batch_size: int = 8, seq_len: int | None = None, max_batches: int | None = None, progress: bool = True, model: GPT | None = None) -> EvalResult:
+def run_eval(model_dir: str, data_dir: str, split: str = "val", batch_size: int = 8, seq_len: int | None = None,
+             max_batches: int | None = None, progress: bool = True, model: GPT | None = None) -> EvalResult:
     """Score the checkpoint in `model_dir` (or `model`, already loaded from it) on a split of `data_dir`."""
     from tqdm import tqdm
 
     from nanogpt_mlx.model.checkpoint import load_model
-    from nanogpt_mlx.training.data import DataError, TokenShards, sequential_batches
+    from nanogpt_mlx.training.dataset import DataError, TokenShards, sequential_batches
     from nanogpt_mlx.training.recipe import TrainingError
 
     model = model or load_model(model_dir)

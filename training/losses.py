@@ -1,8 +1,8 @@
 """Losses for training, evaluation and distillation.
 
 All take logits (B, T, V) and return a scalar mean over the B*T positions. The cross-entropy and
-log-softmax are the model's (model/fast_ops.py: written out for MLX's CPU JIT, with a
-hand-written gradient); this module adds the distillation terms.
+log-softmax are the model's CPU fast ops (written out for MLX's CPU JIT, with a hand-written
+gradient); this module adds the distillation terms.
 """
 
 from __future__ import annotations

@@ -157,7 +157,8 @@ def model_card(*, state: dict, recipe: dict, config, params: int, dtype: str, ev
         "",
         "## Samples",
         "",
-        f"Unedited, up to {SAMPLE_TOKENS} tokens each (ending early at `<|endoftext|>`), temperature {SAMPLE_SETTINGS['temperature']}, top-k {SAMPLE_SETTINGS['top_k']}, "
+        f"Unedited, up to {SAMPLE_TOKENS} tokens each (ending early at `<|endoftext|>`), "
+        f"temperature {SAMPLE_SETTINGS['temperature']}, top-k {SAMPLE_SETTINGS['top_k']}, "
         f"seeds {', '.join(str(s.seed) for s in samples)} (`nanogpt-mlx generate --prompt P --temperature {SAMPLE_SETTINGS['temperature']} "
         f"--top-k {SAMPLE_SETTINGS['top_k']} --seed S --max-tokens {SAMPLE_TOKENS}`):",
         "",
@@ -192,14 +193,15 @@ def publish(run_dir: str | os.PathLike, data_dir: str | os.PathLike, out_dir: st
 
     model = load_model(src)
     seq_len = model.config.block_size
-    result = run_eval(str(src), str(data_dir), split="val", batch_size=8, seq_len=seq_len, max_batches=eval_batches, progress=progress, model=model)
+    result = run_eval(str(src), str(data_dir), split="val", batch_size=8, seq_len=seq_len, max_batches=eval_batches,
+                      progress=progress, model=model)
     samples = draw_samples(model, get_tokenizer(src))
     import mlx.core as mx
 
     device = "GPU" if mx.default_device() == mx.gpu else "CPU"
     hardware = f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, MLX on {device}"
-    card = model_card(state=state, recipe=state.get("recipe", {}), config=model.config, params=model.num_params(), dtype=dtype, eval_result=result,
-                      eval_seq_len=seq_len, train_loss=last_train_loss(run_dir, state.get("step", 0)), samples=samples,
+    card = model_card(state=state, recipe=state.get("recipe", {}), config=model.config, params=model.num_params(), dtype=dtype,
+                      eval_result=result, eval_seq_len=seq_len, train_loss=last_train_loss(run_dir, state.get("step", 0)), samples=samples,
                       sources=sources, hardware=hardware, status=status)
     return save_checkpoint(model, out_dir, dtype=dtype, extra_files={"README.md": card})
 

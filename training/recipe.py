@@ -30,7 +30,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from nanogpt_mlx.cli import UserError
+from nanogpt_mlx.errors import UserError
 from nanogpt_mlx.model.config import ModelConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -94,7 +94,7 @@ class Recipe:
 
     # --- loading ------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "recipe") -> "Recipe":
+    def from_dict(cls, raw: dict, source: str = "recipe") -> Recipe:
         recipe = cls()
         for section, value in raw.items():
             if section == "model":
@@ -111,7 +111,7 @@ class Recipe:
         return recipe
 
     @classmethod
-    def load(cls, path: str | Path) -> "Recipe":
+    def load(cls, path: str | Path) -> Recipe:
         path = resolve_config_path(path)
         try:
             raw = tomllib.loads(path.read_text())
@@ -119,7 +119,7 @@ class Recipe:
             raise TrainingError(f"{path}: not valid TOML: {exc}") from exc
         return cls.from_dict(raw, source=str(path))
 
-    def override(self, assignments: list[str]) -> "Recipe":
+    def override(self, assignments: list[str]) -> Recipe:
         """Apply `section.key=value` strings (values parsed as TOML, else taken as strings)."""
         out = copy.deepcopy(self)
         for item in assignments:
@@ -179,7 +179,7 @@ class Recipe:
         """Check the recipe for contradictions, with itself and with the model; return the model config."""
         config = config or self.model_config()
         d, o, t = self.data, self.optim, self.train
-        for start, seq_len, batch in self.phases():
+        for _start, seq_len, batch in self.phases():
             if seq_len < 2 or batch < 1:
                 raise TrainingError(f"seq_len must be >= 2 and batch_size >= 1 (got seq_len {seq_len}, batch_size {batch})")
             if seq_len > config.block_size:

@@ -12,7 +12,7 @@
 #
 # Outside git: RUN_DIR (default /work/runs/default), DATA (default /work/data/tokens), CORPUS
 # (default /work/data/corpus). If DATA has no manifest yet (a fresh machine), `start` first builds
-# the offline corpus and tokenizes it (~3 minutes), in the same background job.
+# the offline corpus and tokenizes it, in the same background job.
 set -eu
 RUN_DIR=${RUN_DIR:-/work/runs/default}
 DATA=${DATA:-/work/data/tokens}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -30,6 +29,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from nanogpt_mlx.atomic import atomic_file, write_text
 from nanogpt_mlx.model.checkpoint import CheckpointError, load_config, load_model
 from nanogpt_mlx.model.gpt import GPT
 from nanogpt_mlx.training import checkpointing as ckpt
@@ -137,7 +137,7 @@ class Trainer:
         return config
 
     def _open_data(self) -> None:
-        from nanogpt_mlx.training.data import DataError, TokenShards
+        from nanogpt_mlx.training.dataset import DataError, TokenShards
 
         if not self.data_dir:
             raise TrainingError("no training data: pass --data SHARDS_DIR (made by `nanogpt-mlx prepare-data`) or set data.train")
@@ -252,7 +252,7 @@ class Trainer:
 
     # --- data ---------------------------------------------------------------------------------
     def _sampler_for_step(self):
-        from nanogpt_mlx.training.data import RandomWindowSampler
+        from nanogpt_mlx.training.dataset import RandomWindowSampler
 
         index, _, seq_len, batch = self.recipe.phase_at(self.step)
         if index != self.phase_index:
@@ -287,7 +287,7 @@ class Trainer:
 
     # --- eval, checkpoints, logs --------------------------------------------------------------
     def evaluate(self):
-        from nanogpt_mlx.training.data import sequential_batches
+        from nanogpt_mlx.training.dataset import sequential_batches
 
         if self.val_shards is None or not self.recipe.data.eval_batches:
             return None
@@ -306,7 +306,8 @@ class Trainer:
             "world_size": self.world,
             "global_batch_rows": self.batch_size * self.world,
             "sampler": {"phase": self.phase_index, "state": self.sampler.state_dict()} if self.sampler else None,
-            "rng": {"scheme": "mx.random.seed(seed * 1000003 + step * 1009 + micro) before each micro-batch", "seed": self.recipe.train.seed},
+            "rng": {"scheme": "mx.random.seed(seed * 1000003 + step * 1009 + micro) before each micro-batch",
+                    "seed": self.recipe.train.seed},
             "data": str(self.data_dir),
             "recipe": self.recipe.to_dict(),
         }
@@ -328,9 +329,7 @@ class Trainer:
         if not path.is_file():
             return
         kept = [line for line in path.read_text().splitlines() if line.strip() and _json_step(line) <= self.step]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        write_text(path, "".join(line + "\n" for line in kept))
 
     # --- the loop -----------------------------------------------------------------------------
     def fit(self, stop_at: int | None = None) -> dict:
@@ -342,7 +341,7 @@ class Trainer:
         self._last_save = self._t_start
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / RECIPE_FILE).write_text(self.recipe.to_json() + "\n")
+            write_text(self.run_dir / RECIPE_FILE, self.recipe.to_json() + "\n")
             self._truncate_log()
         self._sampler_for_step()
         params = self.model.num_params()
@@ -354,7 +353,8 @@ class Trainer:
                 file=sys.stderr,
             )
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if self.is_main and _main_thread() else None
-        bar = tqdm(total=r.max_steps, initial=self.step, unit="step", desc="train", disable=not self.progress, dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        bar = tqdm(total=r.max_steps, initial=self.step, unit="step", desc="train", disable=not self.progress, dynamic_ncols=True,
+                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
         window_tokens, window_start = 0, time.perf_counter()
         last = {}
         try:
@@ -374,7 +374,9 @@ class Trainer:
                     now = time.perf_counter()
                     tok_s = window_tokens / max(now - window_start, 1e-9)
                     window_tokens, window_start = 0, now
-                    last = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": self.tokens_seen, "tok_per_s": round(tok_s, 1), "seq_len": self.seq_len, "elapsed": round(self.elapsed_before + now - self._t_start, 1)}
+                    last = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": self.tokens_seen,
+                            "tok_per_s": round(tok_s, 1), "seq_len": self.seq_len,
+                            "elapsed": round(self.elapsed_before + now - self._t_start, 1)}
                     self._log(last)
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
 
@@ -404,7 +406,8 @@ class Trainer:
         result = self.evaluate()
         if result is None:
             return None
-        record = {"step": self.step, "val_loss": result.loss, "val_ppl": result.perplexity, "tokens": self.tokens_seen, "eval_tok_per_s": round(result.tok_per_s, 1)}
+        record = {"step": self.step, "val_loss": result.loss, "val_ppl": result.perplexity, "tokens": self.tokens_seen,
+                  "eval_tok_per_s": round(result.tok_per_s, 1)}
         improved = result.loss < self.best_val
         if improved:
             self.best_val = result.loss
@@ -413,7 +416,8 @@ class Trainer:
             if improved:
                 ckpt.save_best(self.run_dir, self.model, self._state(val_loss=result.loss))
             plot_losses(self.run_dir / LOG_FILE, self.run_dir / PLOT_FILE)
-            print(f"\nstep {self.step}: val loss {result.loss:.4f}, perplexity {result.perplexity:,.2f}" + (" (best)" if improved else ""), file=sys.stderr)
+            print(f"\nstep {self.step}: val loss {result.loss:.4f}, perplexity {result.perplexity:,.2f}" + (" (best)" if improved else ""),
+                  file=sys.stderr)
         return result
 
     def _on_sigterm(self, signum, frame):
@@ -482,7 +486,8 @@ def plot_losses(log_path: Path, png_path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png_path.with_name(png_path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        with atomic_file(png_path, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+    finally:
+        plt.close(fig)

@@ -1,6 +1,6 @@
-"""prepare-data: text, JSONL, Parquet or a Hugging Face dataset -> GPT-2 token shards; batch samplers.
+"""prepare-data: text, JSONL, Parquet or a Hugging Face dataset -> GPT-2 token shards + manifest.
 
-Output layout (one directory):
+Output layout (one directory; training/dataset.py reads it):
 
     train_000.bin, train_001.bin, ...   raw little-endian uint16 token ids
     val_000.bin, ...
@@ -9,34 +9,30 @@ Output layout (one directory):
 Every document is preceded by `<|endoftext|>` (id 50256), so documents are separated by it and
 the model also learns what a document's start looks like after an end-of-text token.
 
-The held-out split is deterministic: a document goes to `val` when a hash of its text falls in
-the lowest `val_fraction` of the hash range, unless explicit validation inputs are given (e.g.
-the corpus's own val.jsonl), in which case the inputs are all training data. Shards and the
-manifest are written to temporary names and renamed into place, and the manifest is written
-last, so a reader never sees a half-written dataset.
-
-Reading: `TokenShards(dir, "train")` memory-maps a split; `RandomWindowSampler` draws (x, y)
-batches of random windows reproducibly (its state can be saved and restored to resume training
-exactly); `sequential_batches` walks a split once for evaluation.
+The held-out split is deterministic: a document goes to `val` by the document-hash rule of
+training/split.py (`held_out`, about `val_fraction` of the documents), unless explicit
+validation inputs are given (e.g. the corpus's own val.jsonl), in which case the inputs are all
+training data. Shards and the manifest are written atomically (nanogpt_mlx.atomic), the
+manifest last, so a reader never sees a half-written dataset.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
-import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
-MANIFEST = "manifest.json"
-FORMAT = "nanogpt-mlx-tokens"
-FORMAT_VERSION = 1
+from nanogpt_mlx.atomic import atomic_file, write_json
+from nanogpt_mlx.training.dataset import FORMAT, FORMAT_VERSION, MANIFEST, DataError
+from nanogpt_mlx.training.split import VAL_FRACTION, held_out
+
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB per uint16 shard
 TEXT_SUFFIXES = {".txt", ".md"}
 JSON_SUFFIXES = {".jsonl", ".json"}
@@ -46,10 +42,6 @@ EOT_TEXT = "<|endoftext|>"
 # Documents are tokenized in batches of about this many characters (one call to tiktoken's
 # multithreaded encode_ordinary_batch each).
 BATCH_CHARS = 4_000_000
-
-
-class DataError(ValueError):
-    """A problem with the user's data or arguments: reported as `error: ...`, no traceback."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,16 +181,13 @@ def read_hf_dataset(name: str, config: str | None, split: str, text_field: str) 
 # --------------------------------------------------------------------------------------------
 
 
-def document_in_val(text: str, val_fraction: float) -> bool:
-    """Deterministic split: the document's hash falls in the lowest `val_fraction` of the range."""
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < val_fraction * 2**64
-
-
 class ShardWriter:
     """Appends token arrays to `{split}_000.bin`, `{split}_001.bin`, ... of at most `shard_tokens`.
 
-    Each shard is written under a temporary name and renamed when full (or on `close`).
+    Use it as a context manager. Each shard is an `atomic_file`, renamed into place when full or
+    when the `with` block ends cleanly; if the block raises, the open shard's temporary file is
+    removed. A shard stays open across many `write` calls, so its `atomic_file` context is
+    entered and left here rather than in a `with` statement.
     """
 
     def __init__(self, out_dir: Path, split: str, shard_tokens: int):
@@ -206,46 +195,42 @@ class ShardWriter:
         self.shards: list[dict] = []  # {"file", "tokens"} of finished shards
         self.tokens = 0
         self.documents = 0
+        self._shard = None  # the open shard's atomic_file context
         self._fh = None
-        self._tmp: str | None = None
         self._in_shard = 0
 
-    def _open(self) -> None:
-        fd, self._tmp = tempfile.mkstemp(dir=self.out_dir, prefix=f".{self.split}_", suffix=".tmp")
-        self._fh = os.fdopen(fd, "wb")
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._shard is not None:
+            self._close_shard(exc_type, exc, tb)
+
+    def _open_shard(self) -> None:
+        self._shard = atomic_file(self.out_dir / self._next_name(), "wb")
+        self._fh = self._shard.__enter__()
         self._in_shard = 0
 
-    def _finish(self) -> None:
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        name = f"{self.split}_{len(self.shards):03d}.bin"
-        os.chmod(self._tmp, 0o644)
-        os.replace(self._tmp, self.out_dir / name)
-        self.shards.append({"file": name, "tokens": self._in_shard})
-        self._fh, self._tmp = None, None
+    def _close_shard(self, exc_type=None, exc=None, tb=None) -> None:
+        shard, self._shard, self._fh = self._shard, None, None
+        shard.__exit__(exc_type, exc, tb)  # no exception: fsync and rename into place; else delete
+        if exc_type is None:
+            self.shards.append({"file": self._next_name(), "tokens": self._in_shard})
+
+    def _next_name(self) -> str:
+        return f"{self.split}_{len(self.shards):03d}.bin"
 
     def write(self, tokens: np.ndarray) -> None:
         while len(tokens):
-            if self._fh is None:
-                self._open()
+            if self._shard is None:
+                self._open_shard()
             room = self.shard_tokens - self._in_shard
             part, tokens = tokens[:room], tokens[room:]
             part.tofile(self._fh)
             self._in_shard += len(part)
             self.tokens += len(part)
             if self._in_shard == self.shard_tokens:
-                self._finish()
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._finish()
-
-    def abort(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            Path(self._tmp).unlink(missing_ok=True)
-            self._fh = None
+                self._close_shard()
 
 
 @dataclass
@@ -253,19 +238,6 @@ class _SourceStats:
     input: str
     documents: dict = field(default_factory=lambda: {"train": 0, "val": 0})
     tokens: dict = field(default_factory=lambda: {"train": 0, "val": 0})
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _batches(docs: Iterable[str], max_chars: int) -> Iterator[list[str]]:
@@ -284,7 +256,7 @@ def prepare_data(
     inputs: Sequence[str | os.PathLike] = (),
     out_dir: str | os.PathLike = "data",
     *,
-    val_fraction: float = 0.02,
+    val_fraction: float = VAL_FRACTION,
     val_inputs: Sequence[str | os.PathLike] | None = None,
     text_field: str = "text",
     hf_dataset: str | None = None,
@@ -327,7 +299,6 @@ def prepare_data(
     workers = workers or os.cpu_count() or 1
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    writers = {s: ShardWriter(out, s, shard_tokens) for s in ("train", "val")}
 
     # (label, documents, fixed split or None for the hash split)
     streams: list[tuple[str, Iterator[str], str | None]] = []
@@ -342,12 +313,12 @@ def prepare_data(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=token_budget, unit="tok", unit_scale=True, desc="prepare-data",
-               disable=not progress, file=sys.stderr)
     stats: list[_SourceStats] = []
     truncated = False
     total = 0
-    try:
+    with (ShardWriter(out, "train", shard_tokens) as train_writer, ShardWriter(out, "val", shard_tokens) as val_writer,
+          tqdm(total=token_budget, unit="tok", unit_scale=True, desc="prepare-data", disable=not progress, file=sys.stderr) as bar):
+        writers = {"train": train_writer, "val": val_writer}
         for label, docs, split in streams:
             st = _SourceStats(label)
             stats.append(st)
@@ -356,7 +327,7 @@ def prepare_data(
             for batch in _batches(nonempty, BATCH_CHARS):
                 encoded = enc.encode_ordinary_batch(batch, num_threads=workers)
                 for text, ids in zip(batch, encoded):
-                    name = split or ("val" if document_in_val(text, val_fraction) else "train")
+                    name = split or ("val" if held_out(text, val_fraction) else "train")
                     if token_budget is not None and total + len(ids) + 1 > token_budget:
                         truncated = True
                         break
@@ -373,14 +344,6 @@ def prepare_data(
                     break
             if truncated:
                 break
-        for w in writers.values():
-            w.close()
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        raise
-    finally:
-        bar.close()
 
     if writers["train"].tokens == 0:
         what = "within the token budget" if truncated else "in the inputs"
@@ -394,7 +357,7 @@ def prepare_data(
         "splits": {name: {"documents": w.documents, "tokens": w.tokens, "shards": w.shards}
                    for name, w in writers.items()},
         "split_rule": ("explicit validation inputs" if val_inputs
-                       else f"hash of the document text, val_fraction={val_fraction}"),
+                       else f"document hash (training/split.py held_out), val_fraction={val_fraction}"),
         "val_fraction": None if val_inputs else val_fraction,
         "text_field": text_field,
         "token_budget": token_budget,
@@ -402,7 +365,7 @@ def prepare_data(
         "sources": [{"input": s.input, "documents": s.documents, "tokens": s.tokens}
                     for s in stats],
     }
-    _write_json_atomic(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest)
     # Shards of an earlier, larger run in the same directory are no longer described: remove.
     current = {s["file"] for w in writers.values() for s in w.shards}
     for split in ("train", "val"):
@@ -410,127 +373,6 @@ def prepare_data(
             if stale.name not in current:
                 stale.unlink()
     return manifest
-
-
-# --------------------------------------------------------------------------------------------
-# Reading shards
-# --------------------------------------------------------------------------------------------
-
-
-def load_manifest(data_dir: str | os.PathLike) -> dict:
-    path = Path(data_dir) / MANIFEST
-    if not path.is_file():
-        raise DataError(f"no {MANIFEST} in {data_dir}: run `nanogpt-mlx prepare-data` first")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{path} is not a {FORMAT} manifest")
-    return manifest
-
-
-class TokenShards:
-    """The token shards of one split, memory-mapped (nothing is read until used)."""
-
-    def __init__(self, data_dir: str | os.PathLike, split: str = "train"):
-        self.data_dir = Path(data_dir)
-        self.manifest = load_manifest(data_dir)
-        if split not in self.manifest["splits"]:
-            raise DataError(f"{data_dir} has no split {split!r}")
-        self.split = split
-        self.shards: list[np.ndarray] = []
-        for shard in self.manifest["splits"][split]["shards"]:
-            path = self.data_dir / shard["file"]
-            if not path.is_file():
-                raise DataError(f"missing shard {path} (listed in the manifest)")
-            arr = np.memmap(path, dtype=np.uint16, mode="r")
-            if len(arr) != shard["tokens"]:
-                raise DataError(f"{path} holds {len(arr)} tokens, the manifest says {shard['tokens']}")
-            self.shards.append(arr)
-        self.eot_token = self.manifest["tokenizer"]["eot_token"]
-
-    def __len__(self) -> int:
-        """Total number of tokens in the split."""
-        return sum(len(s) for s in self.shards)
-
-    @property
-    def documents(self) -> int:
-        return self.manifest["splits"][self.split]["documents"]
-
-
-class RandomWindowSampler:
-    """Endless (x, y) batches of random windows: x = tokens[s:s+T], y = tokens[s+1:s+T+1].
-
-    Windows stay inside one shard; a shard is chosen with probability proportional to the
-    number of windows it holds, so every window of the split is equally likely. Draws come from
-    one numpy Generator: the same seed gives the same batches, and `state_dict()` /
-    `load_state_dict()` (JSON-serializable) resume the exact sequence after a restart. For
-    data-parallel training give each rank its own seed (e.g. seed + rank).
-    """
-
-    def __init__(self, shards: TokenShards, batch_size: int, seq_len: int, seed: int = 0):
-        if batch_size <= 0 or seq_len <= 0:
-            raise ValueError("batch_size and seq_len must be positive")
-        self.shards, self.batch_size, self.seq_len, self.seed = shards, batch_size, seq_len, seed
-        # Start positions available in each shard (a window needs seq_len + 1 tokens).
-        self._starts = np.array([max(len(s) - seq_len, 0) for s in shards.shards], dtype=np.int64)
-        if self._starts.sum() == 0:
-            raise DataError(f"the {shards.split} split has {len(shards)} tokens, fewer than one "
-                            f"window of seq_len + 1 = {seq_len + 1}")
-        self._weights = self._starts / self._starts.sum()
-        self._rng = np.random.default_rng(seed)
-        self.step = 0
-
-    def __iter__(self) -> "RandomWindowSampler":
-        return self
-
-    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.next_batch()
-
-    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
-        b, t = self.batch_size, self.seq_len
-        if len(self._starts) == 1:
-            which = np.zeros(b, dtype=np.int64)
-        else:
-            which = self._rng.choice(len(self._starts), size=b, p=self._weights)
-        starts = self._rng.integers(0, self._starts[which])
-        buf = np.empty((b, t + 1), dtype=np.int32)
-        for row, (shard, start) in enumerate(zip(which, starts)):
-            buf[row] = self.shards.shards[shard][start:start + t + 1]
-        self.step += 1
-        return buf[:, :-1].copy(), buf[:, 1:].copy()
-
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "step": self.step, "batch_size": self.batch_size,
-                "seq_len": self.seq_len, "bit_generator": self._rng.bit_generator.state}
-
-    def load_state_dict(self, state: dict) -> None:
-        if (state["batch_size"], state["seq_len"]) != (self.batch_size, self.seq_len):
-            raise ValueError(f"sampler state is for batch {state['batch_size']} x "
-                             f"{state['seq_len']}, this sampler draws {self.batch_size} x "
-                             f"{self.seq_len}")
-        self.seed, self.step = state["seed"], state["step"]
-        self._rng.bit_generator.state = state["bit_generator"]
-
-
-def sequential_batches(shards: TokenShards, batch_size: int, seq_len: int
-                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Every non-overlapping window of the split once, in order, as (x, y) int32 batches.
-
-    The last batch may have fewer than `batch_size` rows; the tail of each shard shorter than
-    one window is not used.
-    """
-    if batch_size <= 0 or seq_len <= 0:
-        raise ValueError("batch_size and seq_len must be positive")
-    rows: list[np.ndarray] = []
-    for arr in shards.shards:
-        for w in range((len(arr) - 1) // seq_len):
-            rows.append(np.asarray(arr[w * seq_len:(w + 1) * seq_len + 1], dtype=np.int32))
-            if len(rows) == batch_size:
-                buf = np.stack(rows)
-                rows = []
-                yield buf[:, :-1].copy(), buf[:, 1:].copy()
-    if rows:
-        buf = np.stack(rows)
-        yield buf[:, :-1].copy(), buf[:, 1:].copy()
 
 
 # --------------------------------------------------------------------------------------------
@@ -559,8 +401,8 @@ def register_cli(subparsers) -> None:
     )
     p.add_argument("inputs", nargs="*", help="files or directories")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--val-fraction", type=float, default=0.02,
-                   help="fraction of documents held out by hash (default 0.02)")
+    p.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
+                   help=f"fraction of documents held out by document hash (default {VAL_FRACTION})")
     p.add_argument("--val-input", action="append", default=[], metavar="PATH",
                    help="validation data (repeatable); then all inputs are training data")
     p.add_argument("--hf-dataset", metavar="NAME",
@@ -578,16 +420,13 @@ def register_cli(subparsers) -> None:
 
 
 def _cmd_prepare_data(args: argparse.Namespace) -> int:
-    try:
-        manifest = prepare_data(
-            args.inputs, args.out, val_fraction=args.val_fraction, val_inputs=args.val_input,
-            text_field=args.text_field, hf_dataset=args.hf_dataset, hf_config=args.hf_config,
-            hf_split=args.hf_split, token_budget=args.token_budget,
-            shard_tokens=args.shard_tokens, workers=args.workers,
-        )
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # A DataError is a UserError: the CLI prints it as `error: ...` and exits with 2.
+    manifest = prepare_data(
+        args.inputs, args.out, val_fraction=args.val_fraction, val_inputs=args.val_input,
+        text_field=args.text_field, hf_dataset=args.hf_dataset, hf_config=args.hf_config,
+        hf_split=args.hf_split, token_budget=args.token_budget,
+        shard_tokens=args.shard_tokens, workers=args.workers,
+    )
     for name, split in manifest["splits"].items():
         print(f"{name}: {split['documents']:,} documents, {split['tokens']:,} tokens in "
               f"{len(split['shards'])} shard(s)")
