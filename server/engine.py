@@ -62,6 +62,12 @@ class SequenceRequest:
     ignore_eos: bool = False
     prompt_logprobs: int | None = None  # echo + logprobs: logprobs of the prompt, with k alternatives
     choice: int = 0  # index among the request's choices; seeds a distinct stream for n > 1
+    # vLLM's extensions (sampling.py masks the stop tokens until min_tokens are generated):
+    stop_token_ids: frozenset[int] = frozenset()  # tokens that end generation, besides EOS
+    include_stop_str_in_output: bool = False  # keep the stop string / stop token text
+    skip_special_tokens: bool = True  # False: a generated <|endoftext|> shows as text
+    min_tokens: int = 0  # no stop string (nor stop token) before this many tokens
+    priority: int = 0  # admission order: lower first, FIFO among equals
 
 
 @dataclass
@@ -69,6 +75,7 @@ class TokenLogprob:
     token: int
     logprob: float | None  # None for a prompt's first token (nothing precedes it)
     top: list[tuple[int, float]]  # the k most likely alternatives at that position
+    rank: int | None = None  # 1 + how many tokens were more likely (prompt logprobs only)
 
 
 @dataclass
@@ -80,6 +87,7 @@ class SequenceOutput:
     logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when asked
     prompt_logprobs: list[TokenLogprob] | None = None  # once, before any generated token, when asked
     finish_reason: str | None = None  # stop | length | abort | error; set on the last output only
+    stop_reason: int | str | None = None  # with "stop": the stop string or stop token id (None for EOS)
     prompt_tokens: int = 0  # set on the last output
     completion_tokens: int = 0  # set on the last output: every generated token, EOT included
     error: str | None = None  # with finish_reason "error"
@@ -145,8 +153,9 @@ class _Sequence:
         self.counts: Counter[int] = Counter()
         self.rng = _rng_for(request)
         self.detokenizer = StreamingDetokenizer(tokenizer)
-        self.stops = StopStringMatcher(request.stop)
+        self.stops = StopStringMatcher(request.stop, include_stop=request.include_stop_str_in_output)
         self.stop_string_hit = False
+        self.stop_reason: int | str | None = None
         self.prompt_logprobs: list[TokenLogprob] | None = [] if request.prompt_logprobs is not None else None
         self.arrival = arrival
         self.admitted_at = 0.0
@@ -286,7 +295,11 @@ class Engine:
             free_slots = self.max_batch - self._active
             if len(self._waiting) + len(requests) > self.max_queue + max(0, free_slots):
                 raise QueueFullError(f"{len(self._waiting)} sequences are already waiting (limit {self.max_queue})")
-            self._waiting.extend(submission.sequences)
+            for seq in submission.sequences:  # by priority (lower first), FIFO among equals
+                at = len(self._waiting)
+                while at and self._waiting[at - 1].request.priority > seq.request.priority:
+                    at -= 1
+                self._waiting.insert(at, seq)
             self.metrics.waiting.set(len(self._waiting))
             self._wake.notify()
         return submission
@@ -491,8 +504,9 @@ class Engine:
         logprobs = log_softmax(logits[:scored])
         targets = np.asarray(prompt[begin + 1 : begin + 1 + scored])
         chosen = logprobs[np.arange(scored), targets]
+        ranks = 1 + np.count_nonzero(logprobs > chosen[:, None], axis=1)
         for j in range(scored):
-            seq.prompt_logprobs.append(TokenLogprob(int(targets[j]), float(chosen[j]), top_logprobs(logprobs[j], k)))
+            seq.prompt_logprobs.append(TokenLogprob(int(targets[j]), float(chosen[j]), top_logprobs(logprobs[j], k), int(ranks[j])))
 
     # --- decode ----------------------------------------------------------------------------------------
     def _decode(self) -> None:
@@ -542,14 +556,18 @@ class Engine:
             out.logprobs.append(TokenLogprob(token, float(raw_logprobs[token]), top_logprobs(raw_logprobs, params.logprobs)))
         self._mark_output(seq)
 
-        if token == EOT_ID and not request.ignore_eos:
-            return "stop"
-        if token != EOT_ID:  # with ignore_eos the EOT is generated but shows no text
-            text, hit = seq.stops.feed(seq.detokenizer.add(token))
+        stop_token = (token == EOT_ID and not request.ignore_eos) or token in request.stop_token_ids
+        shows_text = token != EOT_ID or not request.skip_special_tokens  # with ignore_eos an EOT may be generated
+        if shows_text and (not stop_token or request.include_stop_str_in_output):
+            text, hit = seq.stops.feed(seq.detokenizer.add(token), can_stop=seq.generated > request.min_tokens)
             out.text += text
             if hit:
                 seq.stop_string_hit = True
+                seq.stop_reason = seq.stops.matched
                 return "stop"
+        if stop_token:
+            seq.stop_reason = token if token in request.stop_token_ids else None  # vLLM: None for EOS
+            return "stop"
         if seq.generated >= request.max_tokens or seq.cached >= self.max_len:
             return "length"
         return None
@@ -564,6 +582,7 @@ class Engine:
             out.text += text if hit else text + seq.stops.flush()
         seq.state = DONE
         out.finish_reason = reason
+        out.stop_reason = seq.stop_reason if reason == "stop" else None
         out.error = error
         out.prompt_tokens = len(seq.request.prompt)
         out.completion_tokens = seq.generated
