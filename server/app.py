@@ -302,7 +302,7 @@ def create_app(settings: ServerSettings, model_dir: Path) -> FastAPI:
         status = "draining" if ctx.draining else "ok" if engine.ready else engine.state
         body = {
             "status": status,
-            "model": settings.served_model_name,
+            "model": ctx.served_names[0],
             "running": engine.active_count,
             "waiting": engine.waiting_count,
             "slots_total": engine.max_batch,
