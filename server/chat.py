@@ -182,6 +182,7 @@ class ChatCompletions:
             max_tokens=req.requested_max_tokens(),
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             extra_stop=template.stop,
+            logprobs_param="top_logprobs",
         )
 
     async def respond(self, plan: Plan, submission: Submission, response_id: str, model: str) -> ChatCompletionResponse:

@@ -96,6 +96,7 @@ class Planner:
         echo_logprobs: int | None = None,
         best_of: int | None = None,
         extra_stop: tuple[str, ...] = (),
+        logprobs_param: str = "logprobs",
     ) -> Plan:
         """Sequences for `prompts` (token ids); max_tokens None: the rest of the context."""
         n = req.n or 1
@@ -104,7 +105,7 @@ class Planner:
             raise APIError(400, f"n must be at most {self.max_n} on this server, got {n}", param="n", code="invalid_value")
         if per_prompt > self.max_n:
             raise APIError(400, f"best_of must be at most {self.max_n} on this server, got {per_prompt}", param="best_of", code="invalid_value")
-        for param, value in (("logprobs", logprobs), ("prompt_logprobs", req.prompt_logprobs)):
+        for param, value in ((logprobs_param, logprobs), ("prompt_logprobs", req.prompt_logprobs)):
             if value is not None and value > self.max_logprobs:
                 raise APIError(400, f"{param} must be at most {self.max_logprobs} on this server, got {value}", param=param, code="invalid_value")
         if len(prompts) * per_prompt > self.max_sequences:
