@@ -14,7 +14,7 @@ from openai import BadRequestError, OpenAI
 
 from nanogpt_mlx.model.tokenizer import get_tokenizer
 from nanogpt_mlx.server.chat import DEFAULT_CHAT_STOP
-from server_support import ThreadedServer, metric_value, sse_payloads
+from server_support import VLLM_CHAT_FIELDS, ThreadedServer, metric_value, sse_payloads
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -78,6 +78,13 @@ def test_generation_stops_at_the_next_role_label(http):
     for choice in body["choices"]:
         assert "\nUser:" not in choice["message"]["content"]
     assert {c["stop_reason"] for c in stopped} <= set(DEFAULT_CHAT_STOP)
+
+
+def test_every_vllm_chat_field_at_its_default_is_accepted_and_changes_nothing(http):
+    plain = chat(http, messages=VLLM_CHAT_FIELDS["messages"], max_tokens=4, temperature=0)
+    full = chat(http, **VLLM_CHAT_FIELDS)
+    assert full["choices"][0]["message"] == plain["choices"][0]["message"]
+    assert full["usage"] == plain["usage"] and full["id"] == "chatcmpl-chat-1"
 
 
 # --- the openai SDK's chat client --------------------------------------------------------------------
