@@ -66,8 +66,8 @@ from nanogpt_mlx.server.protocol import (
     ParamError,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
-    TokenizerInfoResponse,
     TokenizeResponse,
+    TokenizerInfoResponse,
 )
 from nanogpt_mlx.server.settings import ServerSettings
 from nanogpt_mlx.server.tokenization import token_strings, tokenizer_info

@@ -200,7 +200,7 @@ class ChatCompletions:
             created=int(time.time()),
             model=model,
             choices=[render.whole(index) for index, render in enumerate(best_choices(plan, renders))],
-            usage=Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=completion_tokens, total_tokens=plan.prompt_tokens + completion_tokens),
+            usage=Usage.of(plan.prompt_tokens, completion_tokens),
             prompt_logprobs=renders[0].prompt_logprobs,
             prompt_token_ids=plan.prompts[0] if req.return_token_ids else None,
             prompt_text=plan.prompt_texts[0] if req.return_prompt_text else None,
@@ -242,7 +242,7 @@ class ChatCompletions:
                 if piece is not None:
                     yield chunk(piece, render)
             if include_usage:
-                usage = Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=completion_tokens, total_tokens=plan.prompt_tokens + completion_tokens)
+                usage = Usage.of(plan.prompt_tokens, completion_tokens)
                 yield ChatCompletionChunk(id=response_id, created=created, model=model, choices=[], usage=usage).model_dump_json()
             yield "[DONE]"
         finally:
@@ -287,10 +287,8 @@ class _ChatChoiceRender:
                 k = self.logprobs_k or 0
                 added = [
                     ChatLogprobContent(
-                        token=self.texts.text(e.token, self.as_ids),
-                        logprob=e.logprob,
-                        bytes=self.texts.bytes(e.token),
-                        top_logprobs=[ChatLogprob(token=self.texts.text(t, self.as_ids), logprob=lp, bytes=self.texts.bytes(t)) for t, lp in e.top[:k]],
+                        **self._logprob(e.token, e.logprob).model_dump(),
+                        top_logprobs=[self._logprob(t, lp) for t, lp in e.top[:k]],
                     )
                     for e in output.logprobs
                 ]
@@ -301,6 +299,9 @@ class _ChatChoiceRender:
             self.finish_reason = output.finish_reason
             self.stop_reason = output.stop_reason
         return text, added
+
+    def _logprob(self, token: int, logprob: float) -> ChatLogprob:
+        return ChatLogprob(token=self.texts.text(token, self.as_ids), logprob=logprob, bytes=self.texts.bytes(token))
 
     def delta(self, output: SequenceOutput) -> ChatChunkChoice | None:
         text, added = self.add(output)
@@ -316,8 +317,7 @@ class _ChatChoiceRender:
         )
 
     def usage(self) -> Usage:
-        generated = len(self.token_ids)
-        return Usage(prompt_tokens=len(self.prompt), completion_tokens=generated, total_tokens=len(self.prompt) + generated)
+        return Usage.of(len(self.prompt), len(self.token_ids))
 
     def whole(self, index: int) -> ChatChoice:
         return ChatChoice(

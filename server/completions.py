@@ -76,7 +76,7 @@ class Planner:
     def check_token_ids(self, ids, param: str, what: str = "token id") -> None:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise APIError(400, f"{what} {bad[0]} is out of range: this model's vocabulary is 0..{self.vocab_size - 1}", param=param, code="invalid_value")
+            raise invalid(param, f"{what} {bad[0]} is out of range: this model's vocabulary is 0..{self.vocab_size - 1}")
 
     def check_supported(self, req: GenerationRequest) -> None:
         try:
@@ -102,12 +102,12 @@ class Planner:
         n = req.n or 1
         per_prompt = best_of or n
         if n > self.max_n:
-            raise APIError(400, f"n must be at most {self.max_n} on this server, got {n}", param="n", code="invalid_value")
+            raise invalid("n", f"n must be at most {self.max_n} on this server, got {n}")
         if per_prompt > self.max_n:
-            raise APIError(400, f"best_of must be at most {self.max_n} on this server, got {per_prompt}", param="best_of", code="invalid_value")
+            raise invalid("best_of", f"best_of must be at most {self.max_n} on this server, got {per_prompt}")
         for param, value in ((logprobs_param, logprobs), ("prompt_logprobs", req.prompt_logprobs)):
             if value is not None and value > self.max_logprobs:
-                raise APIError(400, f"{param} must be at most {self.max_logprobs} on this server, got {value}", param=param, code="invalid_value")
+                raise invalid(param, f"{param} must be at most {self.max_logprobs} on this server, got {value}")
         if len(prompts) * per_prompt > self.max_sequences:
             raise APIError(
                 400,
@@ -147,13 +147,13 @@ class Planner:
             limits.append(limit)
         min_tokens = req.min_tokens or 0
         if max_tokens is not None and min_tokens > max_tokens:
-            raise APIError(400, f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})", param="min_tokens", code="invalid_value")
+            raise invalid("min_tokens", f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})")
 
         stop_ids = frozenset(req.stop_token_ids or ())
         ends_generation = tuple(sorted(stop_ids | (set() if req.ignore_eos else {EOT_ID})))
         allowed = tuple(sorted(set(req.allowed_token_ids))) if req.allowed_token_ids else None
         if allowed is not None and min_tokens and set(allowed) <= set(ends_generation):
-            raise APIError(400, "allowed_token_ids leaves nothing to generate before min_tokens", param="allowed_token_ids", code="invalid_value")
+            raise invalid("allowed_token_ids", "allowed_token_ids leaves nothing to generate before min_tokens")
         # best_of ranks the samples by their cumulative logprob, which the engine reports with logprobs.
         engine_logprobs = logprobs if logprobs is not None else 0 if per_prompt > n else None
         wanted_prompt_logprobs = [k for k in (echo_logprobs, req.prompt_logprobs) if k is not None]
@@ -206,7 +206,7 @@ class Planner:
         if k == -1:
             k = self.max_len
         if k > self.max_len:
-            raise APIError(400, f"truncate_prompt_tokens ({k}) must not exceed the context ({self.max_len})", param="truncate_prompt_tokens", code="invalid_value")
+            raise invalid("truncate_prompt_tokens", f"truncate_prompt_tokens ({k}) must not exceed the context ({self.max_len})")
         if k == 0 or len(tokens) <= k:
             return tokens
         return tokens[:k] if req.truncation_side == "right" else tokens[-k:]
@@ -242,7 +242,7 @@ class TokenTexts:
             if e.logprob is None:
                 out.append(None)
                 continue
-            position = {str(t): PromptLogprob(logprob=lp, rank=rank, decoded_token=self.text(t)) for rank, (t, lp) in enumerate(e.top[:k], 1)}
+            position = {str(t): PromptLogprob(logprob=lp, rank=r, decoded_token=self.text(t)) for r, (t, lp) in enumerate(e.top[:k], 1)}
             position.setdefault(str(e.token), PromptLogprob(logprob=e.logprob, rank=e.rank, decoded_token=self.text(e.token)))
             out.append(position)
         return out
@@ -291,7 +291,7 @@ class Completions:
             created=int(time.time()),
             model=model,
             choices=[render.whole(index) for index, render in enumerate(best_choices(plan, renders))],
-            usage=Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=completion_tokens, total_tokens=plan.prompt_tokens + completion_tokens),
+            usage=Usage.of(plan.prompt_tokens, completion_tokens),
         )
 
     async def stream(self, plan: Plan, submission: Submission, response_id: str, model: str) -> AsyncIterator[str]:
@@ -318,7 +318,7 @@ class Completions:
                     chunk.usage = render.usage()
                 yield chunk.model_dump_json(exclude=None if continuous else {"usage"})
             if include_usage:
-                usage = Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=completion_tokens, total_tokens=plan.prompt_tokens + completion_tokens)
+                usage = Usage.of(plan.prompt_tokens, completion_tokens)
                 yield CompletionChunk(id=response_id, created=created, model=model, choices=[], usage=usage).model_dump_json()
             yield "[DONE]"
         finally:
@@ -335,6 +335,10 @@ def best_choices(plan: Plan, renders: list):
         group = renders[i : i + plan.per_prompt]
         chosen += sorted(group, key=lambda r: r.cumulative_logprob, reverse=True)[: plan.n]
     return chosen
+
+
+def invalid(param: str, message: str) -> APIError:
+    return APIError(400, message, param=param, code="invalid_value")
 
 
 def response_id(prefix: str, base: str | None) -> str:
@@ -412,8 +416,7 @@ class _ChoiceRender:
         )
 
     def usage(self) -> Usage:
-        generated = len(self.token_ids)
-        return Usage(prompt_tokens=len(self.prompt), completion_tokens=generated, total_tokens=len(self.prompt) + generated)
+        return Usage.of(len(self.prompt), len(self.token_ids))
 
     def whole(self, index: int) -> CompletionChoice:
         return CompletionChoice(

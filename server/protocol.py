@@ -184,7 +184,8 @@ class GenerationRequest(_Strict):
         if self.prompt_logprobs is not None and self.stream:
             raise ParamError("prompt_logprobs", "prompt_logprobs are not available when stream is true (as in vLLM)")
         if self.response_format is not None and self.response_format.type != "text":
-            raise ParamError("response_format", f"response_format {self.response_format.type!r} is not supported: no structured output here")
+            kind = self.response_format.type
+            raise ParamError("response_format", f"response_format {kind!r} is not supported: no structured output here")
         unsupported = {
             "use_beam_search": (self.use_beam_search, "beam search is not supported"),
             "watermarking": (self.watermarking, "watermarking is not supported"),
@@ -317,7 +318,8 @@ class ChatTemplateFields(_Strict):
 
     def check_template_fields(self) -> None:
         if self.add_generation_prompt is not False and self.continue_final_message and "add_generation_prompt" in self.model_fields_set:
-            raise ParamError("continue_final_message", "continue_final_message and add_generation_prompt cannot both be true", "invalid_value")
+            message = "continue_final_message and add_generation_prompt cannot both be true"
+            raise ParamError("continue_final_message", message, "invalid_value")
         if self.tools:
             raise ParamError("tools", "tools are not supported: this model cannot call tools")
 
@@ -325,7 +327,7 @@ class ChatTemplateFields(_Strict):
 class ChatCompletionRequest(ChatTemplateFields, GenerationRequest):
     logprobs: bool | None = Field(False, description="the chosen tokens' logprobs")
     top_logprobs: int | None = Field(0, ge=0, description="this many alternatives per token (needs logprobs)")
-    max_tokens: int | None = Field(None, ge=0, description="deprecated by OpenAI for max_completion_tokens; default: the rest of the context")
+    max_tokens: int | None = Field(None, ge=0, description="OpenAI's older name of max_completion_tokens; default: the rest of the context")
     max_completion_tokens: int | None = Field(None, ge=0)
     echo: bool | None = Field(False, description="vLLM: prepend the last message's content when it is the assistant's")
     return_prompt_text: bool | None = Field(None, description="vLLM: the templated prompt in the response")
@@ -432,6 +434,10 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
 
 
 class CompletionResponse(BaseModel):

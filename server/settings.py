@@ -24,7 +24,7 @@ class ServerSettings(BaseSettings):
     served_model_name: Annotated[list[str], NoDecode] = Field(
         ["nanogpt-mlx"],
         min_length=1,
-        description="the model ids clients may pass as `model` (several: space-separated); responses name the first when a request names none",
+        description="the model ids clients may pass as `model` (several: space-separated); a request naming none gets the first",
     )
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 exposes the server to the network)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")

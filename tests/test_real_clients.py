@@ -19,7 +19,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import REPO_ROOT, cli_command, cli_env
 from server_support import ServeProcess
 
@@ -32,7 +31,8 @@ TOOL_TIMEOUT = 600  # seconds for one tool run (most of it the tool's own start-
 @pytest.fixture(scope="module")
 def serve(tiny_checkpoint, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with ServeProcess(cli_command(), ["--model", str(tiny_checkpoint), "--max-batch", "8", "--log-level", "warning"], env=cli_env(), log_path=log) as s:
+    args = ["--model", str(tiny_checkpoint), "--max-batch", "8", "--log-level", "warning"]
+    with ServeProcess(cli_command(), args, env=cli_env(), log_path=log) as s:
         yield s
         assert s.proc.poll() is None, s.log()  # it served every tool without dying
 
@@ -140,7 +140,8 @@ def test_lm_eval_local_completions_with_the_remote_tokenizer(serve, http, tmp_pa
     run_tool(
         [
             tool("lm_eval"), "--model", "local-completions",
-            "--model_args", f"model={MODEL},base_url={serve.base_url}/v1/completions,tokenizer_backend=remote,num_concurrent=2,max_retries=1",
+            "--model_args",
+            f"model={MODEL},base_url={serve.base_url}/v1/completions,tokenizer_backend=remote,num_concurrent=2,max_retries=1",
             "--tasks", "nanogpt_tiny_mc,nanogpt_tiny_gen", "--include_path", str(LM_EVAL_TASKS),
             "--output_path", str(output), "--log_samples",
         ],
@@ -172,7 +173,8 @@ def test_lm_eval_local_chat_completions(serve, http, tmp_path):
     run_tool(
         [
             tool("lm_eval"), "--model", "local-chat-completions",
-            "--model_args", f"model={MODEL},base_url={serve.base_url}/v1/chat/completions,tokenizer_backend=remote,num_concurrent=1,max_retries=1",
+            "--model_args",
+            f"model={MODEL},base_url={serve.base_url}/v1/chat/completions,tokenizer_backend=remote,num_concurrent=1,max_retries=1",
             "--apply_chat_template", "--tasks", "nanogpt_tiny_gen", "--include_path", str(LM_EVAL_TASKS),
             "--output_path", str(output), "--log_samples",
         ],
@@ -272,7 +274,8 @@ def test_vllm_bench_serve_requests(serve, http, chat):
 
     async def run():
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
-            return await asyncio.gather(*(vllm_bench_request(session, url, make(p, 12), f"bench-abc-{i}", chat) for i, p in enumerate(prompts)))
+            requests = [vllm_bench_request(session, url, make(p, 12), f"bench-abc-{i}", chat) for i, p in enumerate(prompts)]
+            return await asyncio.gather(*requests)
 
     results = asyncio.run(run())
     assert all(r["success"] for r in results), results

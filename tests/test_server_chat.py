@@ -11,10 +11,10 @@ import shutil
 import httpx
 import pytest
 from openai import BadRequestError, OpenAI
+from server_support import VLLM_CHAT_FIELDS, ThreadedServer, metric_value, sse_payloads
 
 from nanogpt_mlx.model.tokenizer import get_tokenizer
 from nanogpt_mlx.server.chat import DEFAULT_CHAT_STOP
-from server_support import VLLM_CHAT_FIELDS, ThreadedServer, metric_value, sse_payloads
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -204,7 +204,8 @@ def test_bad_chat_requests_are_400_naming_the_parameter(http, extra, param, code
 
 def test_sdk_sees_tools_refused(sdk):
     with pytest.raises(BadRequestError) as info:
-        sdk.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+        sdk.chat.completions.create(model=MODEL, messages=MESSAGES, tools=tools)
     assert "tools" in str(info.value)
 
 
@@ -223,7 +224,8 @@ def test_chat_shares_the_engine_metrics_and_model_check(http):
 # --- the server's template: --chat-template, then the checkpoint's own ---------------------------------
 def test_chat_template_flag_takes_a_file(tiny_checkpoint, tmp_path):
     template = tmp_path / "template.jinja"
-    template.write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    template.write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                        "{% if add_generation_prompt %}<assistant>{% endif %}")
     with ThreadedServer(tiny_checkpoint, chat_template=str(template)) as s, httpx.Client(base_url=s.base_url, timeout=60) as client:
         body = chat(client, max_tokens=2, return_prompt_text=True)
         assert body["prompt_text"] == "<system>You are terse.<user>Name a colour.<assistant>"
@@ -243,7 +245,8 @@ def test_a_checkpoints_own_template_renders_as_transformers_renders_it(tiny_chec
     )
     config_file.write_text(json.dumps(config))
     messages = [*MESSAGES, {"role": "assistant", "content": "Red."}, {"role": "user", "content": "  Another? "}]
-    expected = transformers.AutoTokenizer.from_pretrained(checkpoint).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    expected = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     with ThreadedServer(checkpoint) as s, httpx.Client(base_url=s.base_url, timeout=60) as client:
         body = chat(client, messages=messages, max_tokens=2, return_prompt_text=True)
         assert body["prompt_text"] == expected

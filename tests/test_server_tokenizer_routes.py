@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from server_support import ThreadedServer
 
 from nanogpt_mlx.model.tokenizer import EOT_ID
-from server_support import ThreadedServer
 
 pytestmark = pytest.mark.timeout(120)
 

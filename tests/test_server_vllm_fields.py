@@ -12,9 +12,9 @@ import math
 
 import httpx
 import pytest
+from server_support import VLLM_COMPLETION_FIELDS, ThreadedServer, stream_chunks
 
 from nanogpt_mlx.model.tokenizer import EOT_ID, get_tokenizer
-from server_support import VLLM_COMPLETION_FIELDS, ThreadedServer, stream_chunks
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -119,9 +119,11 @@ def test_repetition_penalty_matches_transformers_generate(http, server):
     outputs = set()
     for penalty in (1.0, 1.8, 0.7):
         with torch.no_grad():
-            out = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, repetition_penalty=penalty, pad_token_id=EOT_ID)
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, repetition_penalty=penalty,
+                                 pad_token_id=EOT_ID)
         expected = out[0, len(prompt) :].tolist()
-        got = complete(http, prompt=prompt, max_tokens=12, temperature=0, repetition_penalty=penalty, ignore_eos=True, return_token_ids=True)
+        got = complete(http, prompt=prompt, max_tokens=12, temperature=0, repetition_penalty=penalty, ignore_eos=True,
+                       return_token_ids=True)
         assert got["choices"][0]["token_ids"] == expected, penalty
         outputs.add(tuple(expected))
     assert len(outputs) == 3  # each penalty changed the output
@@ -169,11 +171,12 @@ def free_tokens(http, prompt="Tell me", n=24) -> list[int]:
 def test_stop_token_ids_end_generation_without_their_text(http, tokenizer):
     tokens = free_tokens(http)
     stop_at = next(i for i in range(3, len(tokens)) if tokens[i] not in tokens[:i])
-    choice = complete(http, prompt="Tell me", max_tokens=24, temperature=0, ignore_eos=True, stop_token_ids=[tokens[stop_at]], return_token_ids=True)["choices"][0]
+    base = dict(prompt="Tell me", max_tokens=24, temperature=0, ignore_eos=True, stop_token_ids=[tokens[stop_at]])
+    choice = complete(http, **base, return_token_ids=True)["choices"][0]
     assert choice["token_ids"] == tokens[: stop_at + 1]
     assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", tokens[stop_at])
     assert choice["text"] == tokenizer.decode(tokens[:stop_at])
-    kept = complete(http, prompt="Tell me", max_tokens=24, temperature=0, ignore_eos=True, stop_token_ids=[tokens[stop_at]], include_stop_str_in_output=True)
+    kept = complete(http, **base, include_stop_str_in_output=True)
     assert kept["choices"][0]["text"] == tokenizer.decode(tokens[: stop_at + 1])
 
 
@@ -192,7 +195,8 @@ def test_include_stop_str_in_output_and_stop_reason(http, tokenizer):
 def test_min_tokens_holds_back_eos_and_stop_strings(http, tokenizer):
     forced_eos = {str(EOT_ID): 100}
     assert complete(http, prompt="x", max_tokens=10, temperature=0, logit_bias=forced_eos)["usage"]["completion_tokens"] == 1
-    choice = complete(http, prompt="x", max_tokens=10, temperature=0, logit_bias=forced_eos, min_tokens=5, return_token_ids=True)["choices"][0]
+    choice = complete(http, prompt="x", max_tokens=10, temperature=0, logit_bias=forced_eos, min_tokens=5, return_token_ids=True)
+    choice = choice["choices"][0]
     assert len(choice["token_ids"]) == 6 and choice["token_ids"][-1] == EOT_ID and EOT_ID not in choice["token_ids"][:5]
     assert choice["finish_reason"] == "stop" and choice["stop_reason"] is None  # EOS
 
@@ -201,7 +205,8 @@ def test_min_tokens_holds_back_eos_and_stop_strings(http, tokenizer):
     stop = tokenizer.decode(tokens[1:2])  # a stop string inside the second token: too early with min_tokens 8
     early = complete(http, prompt="Tell me", max_tokens=24, temperature=0, ignore_eos=True, stop=stop)["choices"][0]
     assert early["text"] == text[: text.index(stop)]
-    late = complete(http, prompt="Tell me", max_tokens=24, temperature=0, ignore_eos=True, stop=stop, min_tokens=8, return_token_ids=True)["choices"][0]
+    late = complete(http, prompt="Tell me", max_tokens=24, temperature=0, ignore_eos=True, stop=stop, min_tokens=8, return_token_ids=True)
+    late = late["choices"][0]
     assert len(late["token_ids"]) > 8 or late["finish_reason"] == "length"
     assert late["text"].startswith(tokenizer.decode(tokens[:8]))
     assert error_of(http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "min_tokens": 3}))["param"] == "min_tokens"
@@ -219,7 +224,8 @@ def test_truncate_prompt_tokens_keeps_the_end_or_the_start(http):
     left = complete(http, prompt=prompt, max_tokens=5, temperature=0, truncate_prompt_tokens=6)
     assert left["usage"]["prompt_tokens"] == 6
     assert left["choices"][0]["text"] == complete(http, prompt=prompt[-6:], max_tokens=5, temperature=0)["choices"][0]["text"]
-    right = complete(http, prompt=prompt, max_tokens=5, temperature=0, truncate_prompt_tokens=6, truncation_side="right", return_token_ids=True)
+    right = complete(http, prompt=prompt, max_tokens=5, temperature=0, truncate_prompt_tokens=6, truncation_side="right",
+                     return_token_ids=True)
     assert right["choices"][0]["prompt_token_ids"] == prompt[:6]
     whole = complete(http, prompt=[7] * 200, max_tokens=0, truncate_prompt_tokens=-1)  # -1: the context (128)
     assert whole["usage"]["prompt_tokens"] == 128
