@@ -4,6 +4,7 @@
     model.safetensors   HF names and layouts (Conv1D weights are in x out), fp32 or fp16
     vocab.json          GPT-2 BPE vocabulary  (= encoder.json)
     merges.txt          GPT-2 BPE merges      (= vocab.bpe)
+    tokenizer_config.json   the tokenizer's settings for AutoTokenizer (context length, <|endoftext|>)
 
 `transformers.AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)`
 load it unchanged; we load it into fp32 MLX arrays. Directories are written to a temporary
@@ -33,6 +34,31 @@ WEIGHTS_FILE = "model.safetensors"
 DTYPES = {"float32": mx.float32, "fp32": mx.float32, "float16": mx.float16, "fp16": mx.float16, "bfloat16": mx.bfloat16, "bf16": mx.bfloat16}
 
 
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+
+def tokenizer_config(context_length: int) -> dict:
+    """GPT-2's tokenizer settings as transformers writes them, with this model's context length.
+
+    GPT-2 adds no BOS/EOS token to what it encodes; <|endoftext|> (50256) is its BOS, EOS and UNK.
+    """
+    eot = "<|endoftext|>"
+    return {
+        "tokenizer_class": "GPT2Tokenizer",
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": {
+            "50256": {"content": eot, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False, "special": True}
+        },
+        "bos_token": eot,
+        "eos_token": eot,
+        "unk_token": eot,
+        "clean_up_tokenization_spaces": False,
+        "errors": "replace",
+        "model_max_length": context_length,
+    }
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not match the model; the message says why."""
 
@@ -55,6 +81,7 @@ def save_checkpoint(model: GPT, out_dir: str | os.PathLike, dtype: str = "float3
         shutil.copyfile(encoder_json, tmp / "vocab.json")
         shutil.copyfile(vocab_bpe, tmp / "merges.txt")
         (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 50256, "eos_token_id": 50256}) + "\n")
+        (tmp / TOKENIZER_CONFIG_FILE).write_text(json.dumps(tokenizer_config(model.config.block_size), indent=2) + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         for f in tmp.iterdir():

@@ -6,9 +6,10 @@ logprobs), NumPy's SIMD exp is ~20x faster than MLX's single-threaded CPU exp he
 the batch. Sampling draws one uniform number per row (inverse CDF), so seeded rows consume
 their generator identically alone or in a full batch.
 
-Order, as in OpenAI's and vLLM's servers: logit_bias and penalties change the logits, then
-temperature, then top-k / top-p restrict the candidates, then one token is drawn. Rows with
-temperature 0 are greedy (argmax of the adjusted logits).
+Order, as in vLLM's sampler: allowed_token_ids and min_tokens mask tokens, logit_bias and the
+penalties (repetition, then presence / frequency) change the logits, then temperature, then min-p,
+top-k and top-p restrict the candidates, then one token is drawn. Rows with temperature 0 are
+greedy (argmax of the adjusted logits).
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     seed: int | None = None
     logprobs: int | None = None  # None = off; k >= 0 also returns the top-k alternatives
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off; multiplicative, over the prompt's and the generated tokens
+    prompt_token_ids: tuple[int, ...] = ()  # what repetition_penalty counts besides the generated tokens
+    allowed_token_ids: tuple[int, ...] | None = None  # None = every token
+    min_tokens: int = 0  # stop_token_ids are masked until this many tokens are generated
+    stop_token_ids: tuple[int, ...] = ()  # the tokens that would end generation (EOS included unless ignored)
 
     def make_rng(self) -> np.random.Generator:
         return np.random.default_rng(self.seed)
@@ -50,6 +57,51 @@ def apply_penalties(logits: np.ndarray, token_counts: dict[int, int], presence: 
         ids = np.fromiter(token_counts.keys(), dtype=np.int64, count=len(token_counts))
         counts = np.fromiter(token_counts.values(), dtype=np.float32, count=len(token_counts))
         logits[ids] -= presence + frequency * counts
+    return logits
+
+
+def apply_allowed_tokens(logits: np.ndarray, allowed: tuple[int, ...] | None) -> np.ndarray:
+    """Keep only the allowed token ids of one row (vLLM's allowed_token_ids), the rest -inf."""
+    if allowed is not None:
+        ids = np.fromiter(allowed, dtype=np.int64, count=len(allowed))
+        kept = logits[ids]
+        logits.fill(-np.inf)
+        logits[ids] = kept
+    return logits
+
+
+def apply_min_tokens(logits: np.ndarray, generated: int, min_tokens: int, stop_token_ids: tuple[int, ...]) -> np.ndarray:
+    """Ban the tokens that would end generation until `min_tokens` tokens are generated, one row."""
+    if generated < min_tokens and stop_token_ids:
+        logits[np.fromiter(stop_token_ids, dtype=np.int64, count=len(stop_token_ids))] = -np.inf
+    return logits
+
+
+def apply_repetition_penalty(
+    logits: np.ndarray, prompt_token_ids: tuple[int, ...], token_counts: dict[int, int], penalty: float
+) -> np.ndarray:
+    """The multiplicative repetition penalty of CTRL, transformers and vLLM, one row, in place.
+
+    Every token seen so far (in the prompt or generated) has its logit divided by `penalty` when
+    positive and multiplied by it when negative, so a penalty > 1 always makes it less likely.
+    """
+    if penalty != 1.0 and (prompt_token_ids or token_counts):
+        seen = np.union1d(
+            np.fromiter(prompt_token_ids, dtype=np.int64, count=len(prompt_token_ids)),
+            np.fromiter(token_counts.keys(), dtype=np.int64, count=len(token_counts)),
+        )
+        values = logits[seen]
+        logits[seen] = np.where(values > 0, values / penalty, values * penalty)
+    return logits
+
+
+def min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:
+    """Keep the tokens at least `min_p` times as likely as the most likely one, one row.
+
+    p_i >= min_p * p_max is logit_i >= logit_max + log(min_p): no softmax needed.
+    """
+    if min_p > 0.0:
+        logits[logits < logits.max() + np.log(min_p)] = -np.inf
     return logits
 
 
@@ -163,12 +215,21 @@ def choose_token(
     rng: np.random.Generator,
     token_counts: dict[int, int] | None = None,
 ) -> int:
-    """The whole pipeline for one row. `logits` is modified in place (pass a copy to keep it)."""
+    """The whole pipeline for one row. `logits` is modified in place (pass a copy to keep it).
+
+    `token_counts` counts the tokens generated so far (for the penalties and min_tokens).
+    """
+    token_counts = token_counts or {}
+    apply_allowed_tokens(logits, params.allowed_token_ids)
+    if params.min_tokens:
+        apply_min_tokens(logits, sum(token_counts.values()), params.min_tokens, params.stop_token_ids)
     apply_logit_bias(logits, params.logit_bias)
-    apply_penalties(logits, token_counts or {}, params.presence_penalty, params.frequency_penalty)
+    apply_repetition_penalty(logits, params.prompt_token_ids, token_counts, params.repetition_penalty)
+    apply_penalties(logits, token_counts, params.presence_penalty, params.frequency_penalty)
     if params.temperature <= 0.0:
         return greedy(logits)
     apply_temperature(logits, params.temperature)
+    min_p_filter(logits, params.min_p)
     top_k_filter(logits, params.top_k)
     top_p_filter(logits, params.top_p)
     return sample(logits, rng)

@@ -1,17 +1,20 @@
 """The HTTP surface: FastAPI routes over one `Engine`, errors in OpenAI's shape.
 
-    POST /v1/completions   OpenAI legacy completions (JSON, or server-sent events with stream)
-    GET  /v1/models        the served model;  GET /v1/models/{id}
-    POST /tokenize         {"prompt": "..."} -> {"tokens", "count", "max_model_len"}
-    POST /detokenize       {"tokens": [...]} -> {"prompt"}
-    GET  /health           200 while the engine runs with the model loaded, else 503
-    GET  /metrics          Prometheus text format
+    POST /v1/completions        OpenAI completions + vLLM's extensions (JSON, or server-sent events)
+    POST /v1/chat/completions   chat completions through a chat template (chat.py), same engine
+    GET  /v1/models             the served model names;  GET /v1/models/{id}
+    POST /tokenize              {"prompt"} or {"messages"} -> {"count", "max_model_len", "tokens", "token_strs"}
+    POST /detokenize            {"tokens": [...]} -> {"prompt"}
+    GET  /tokenizer_info        the tokenizer's settings and chat template (vLLM's; lm-eval's remote tokenizer)
+    GET  /health                200 while the engine runs with the model loaded, else 503
+    GET  /metrics               Prometheus text format
+    GET  /openapi.json, /docs   the API's schema (request bodies as protocol.py validates them)
 
 Bodies are read and parsed here rather than by FastAPI, so that every failure (wrong content
 type, oversized body, invalid UTF-8 or JSON, a bad field) becomes a 4xx with OpenAI's
-`{"error": {"message", "type", "param", "code"}}` body instead of FastAPI's 422 list. With
-`--api-key`, the /v1 and tokenize routes need `Authorization: Bearer KEY`; /health and
-/metrics stay open for probes and Prometheus.
+`{"error": {"message", "type", "param", "code"}}` body instead of FastAPI's 422 list; the OpenAPI
+schema still describes every body (`openapi_extra`). With `--api-key`, the /v1 and tokenizer
+routes need `Authorization: Bearer KEY`; /health, /metrics and the schema stay open.
 
 The model loads on the engine thread after the server starts listening; until it is ready,
 /health and completions answer 503 with Retry-After.
@@ -24,35 +27,51 @@ import hmac
 import json
 import logging
 import time
+import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from nanogpt_mlx.errors import UserError
 from nanogpt_mlx.model.checkpoint import load_config
 from nanogpt_mlx.model.tokenizer import get_tokenizer
 from nanogpt_mlx.server import request_log
-from nanogpt_mlx.server.completions import Completions
+from nanogpt_mlx.server.chat import ChatCompletions, ChatTemplateError, load_chat_template, render_messages
+from nanogpt_mlx.server.completions import Completions, Planner, TokenTexts, response_id
 from nanogpt_mlx.server.engine import Engine, EngineUnavailableError, QueueFullError
 from nanogpt_mlx.server.metrics import ServerMetrics
 from nanogpt_mlx.server.protocol import (
     APIError,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChunk,
     CompletionRequest,
+    CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    ErrorResponse,
     ModelCard,
     ModelList,
-    TokenizeRequest,
+    ModelPermission,
+    ParamError,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
     TokenizeResponse,
+    TokenizerInfoResponse,
 )
 from nanogpt_mlx.server.settings import ServerSettings
+from nanogpt_mlx.server.tokenization import token_strings, tokenizer_info
 
 log = logging.getLogger("nanogpt_mlx.server")
 
@@ -79,14 +98,23 @@ class ServerContext:
             prefill_chunk=settings.prefill_chunk,
             stats_callback=self.metrics.observe_step if settings.metrics else None,
         )
-        self.completions = Completions(
+        try:
+            self.chat_template = load_chat_template(settings.chat_template, model_dir)
+        except ChatTemplateError as exc:
+            raise UserError(str(exc)) from None
+        self.served_names = list(settings.served_model_name)
+        self.planner = Planner(
             self.tokenizer,
-            settings.served_model_name,
             self.max_len,
             self.vocab_size,
             max_n=settings.max_n,
+            max_logprobs=settings.max_logprobs,
             max_sequences=settings.max_queue,
         )
+        self.token_texts = TokenTexts(self.tokenizer)
+        self.completions = Completions(self.planner, self.token_texts)
+        self.chat = ChatCompletions(self.planner, self.token_texts, self.chat_template)
+        self.tokenizer_info = tokenizer_info(model_dir, self.max_len, self.chat_template.source)
         self.created = int(time.time())
         self.draining = False
         self.inflight = 0  # completion requests being answered
@@ -129,7 +157,14 @@ def create_app(settings: ServerSettings, model_dir: Path) -> FastAPI:
         finally:
             await asyncio.to_thread(ctx.engine.shutdown)
 
-    app = FastAPI(title="nanogpt-mlx", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="nanogpt-mlx",
+        summary="An OpenAI-compatible server (with vLLM's extensions) for a small GPT-2-style model",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
     app.state.ctx = ctx
     _install_error_handlers(app)
     request_log.install(app, ctx.metrics, settings.access_log, settings.log_prompts)
@@ -145,8 +180,9 @@ def create_app(settings: ServerSettings, model_dir: Path) -> FastAPI:
             raise APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     def require_model(name: str | None) -> None:
-        if name is not None and name != settings.served_model_name:
-            raise APIError(404, f"The model '{name}' does not exist; this server serves '{settings.served_model_name}'.", param="model", code="model_not_found")
+        if name is not None and name not in ctx.served_names:
+            served = ", ".join(f"'{n}'" for n in ctx.served_names)
+            raise APIError(404, f"The model '{name}' does not exist; this server serves {served}.", param="model", code="model_not_found")
 
     def require_ready() -> None:
         if ctx.draining:
@@ -156,11 +192,30 @@ def create_app(settings: ServerSettings, model_dir: Path) -> FastAPI:
                 raise _unavailable("The model is still loading; retry shortly.")
             raise _unavailable(f"The engine is not running ({ctx.engine.failure or ctx.engine.state}).")
 
-    @app.post("/v1/completions", dependencies=[Depends(require_api_key)])
+    @app.post(
+        "/v1/completions",
+        dependencies=[Depends(require_api_key)],
+        openapi_extra=_json_body(CompletionRequest),
+        responses=_generation_responses(CompletionResponse, CompletionChunk),
+    )
     async def create_completion(request: Request):
         req = _parse(CompletionRequest, await read_json(request, settings.max_body_bytes))
         require_model(req.model)
-        plan = ctx.completions.plan(req)
+        return await generate(request, req, ctx.completions.plan(req), ctx.completions, "cmpl")
+
+    @app.post(
+        "/v1/chat/completions",
+        dependencies=[Depends(require_api_key)],
+        openapi_extra=_json_body(ChatCompletionRequest),
+        responses=_generation_responses(ChatCompletionResponse, ChatCompletionChunk),
+    )
+    async def create_chat_completion(request: Request):
+        req = _parse(ChatCompletionRequest, await read_json(request, settings.max_body_bytes))
+        require_model(req.model)
+        return await generate(request, req, ctx.chat.plan(req), ctx.chat, "chatcmpl")
+
+    async def generate(request: Request, req, plan, renderer, prefix: str):
+        """Submit a plan's sequences; answer with the renderer's JSON or its event stream."""
         request_log.note_completion(request.scope, plan)
         require_ready()
         try:
@@ -170,6 +225,8 @@ def create_app(settings: ServerSettings, model_dir: Path) -> FastAPI:
         except EngineUnavailableError as exc:
             raise _unavailable(f"The server cannot take requests now: {exc}.") from None
         request_log.note_submission(request.scope, submission)
+        rid = response_id(prefix, _base_request_id(request, req.request_id))
+        model = req.model or ctx.served_names[0]
 
         ctx.inflight += 1
         if req.stream:
@@ -186,41 +243,59 @@ def create_app(settings: ServerSettings, model_dir: Path) -> FastAPI:
 
             async def events():
                 try:
-                    async for payload in ctx.completions.stream(plan, submission):
+                    async for payload in renderer.stream(plan, submission, rid, model):
                         yield {"data": payload}
                 finally:
                     end_stream()
 
             return EventSourceResponse(events(), ping=15, sep="\n", background=BackgroundTask(end_stream))
         try:
-            return await _respond_unless_disconnected(request, ctx, plan, submission)
+            return await _respond_unless_disconnected(request, renderer.respond(plan, submission, rid, model), submission)
         finally:
             ctx.inflight -= 1
 
-    @app.get("/v1/models", dependencies=[Depends(require_api_key)])
+    @app.get("/v1/models", dependencies=[Depends(require_api_key)], responses=_ERRORS)
     async def list_models() -> ModelList:
-        return ModelList(data=[_model_card(ctx)])
+        return ModelList(data=[_model_card(ctx, name) for name in ctx.served_names])
 
-    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(require_api_key)])
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(require_api_key)], responses=_ERRORS)
     async def get_model(model_id: str) -> ModelCard:
         require_model(model_id)
-        return _model_card(ctx)
+        return _model_card(ctx, model_id)
 
-    @app.post("/tokenize", dependencies=[Depends(require_api_key)])
+    @app.post(
+        "/tokenize",
+        dependencies=[Depends(require_api_key)],
+        openapi_extra=_json_body(TokenizeCompletionRequest, TokenizeChatRequest),
+        responses=_ERRORS,
+    )
     async def tokenize(request: Request) -> TokenizeResponse:
-        req = _parse(TokenizeRequest, await read_json(request, settings.max_body_bytes))
+        data = await read_json(request, settings.max_body_bytes)
+        if isinstance(data, dict) and "messages" in data:
+            req = _parse(TokenizeChatRequest, data)
+            try:
+                req.check_template_fields()
+            except ParamError as exc:
+                raise APIError(400, str(exc), param=exc.param, code=exc.code) from None
+            text = render_messages(req, ctx.chat_template)[0]
+        else:
+            req = _parse(TokenizeCompletionRequest, data)
+            text = req.prompt
         require_model(req.model)
-        tokens = ctx.tokenizer.encode(req.prompt, allowed_special={"<|endoftext|>"})
-        return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=ctx.max_len)
+        tokens = ctx.planner.encode(text)
+        strs = token_strings(ctx.tokenizer, tokens) if req.return_token_strs else None
+        return TokenizeResponse(count=len(tokens), max_model_len=ctx.max_len, tokens=tokens, token_strs=strs)
 
-    @app.post("/detokenize", dependencies=[Depends(require_api_key)])
+    @app.post("/detokenize", dependencies=[Depends(require_api_key)], openapi_extra=_json_body(DetokenizeRequest), responses=_ERRORS)
     async def detokenize(request: Request) -> DetokenizeResponse:
         req = _parse(DetokenizeRequest, await read_json(request, settings.max_body_bytes))
         require_model(req.model)
-        bad = [t for t in req.tokens if not 0 <= t < ctx.vocab_size]
-        if bad:
-            raise APIError(400, f"token id {bad[0]} is out of range 0..{ctx.vocab_size - 1}", param="tokens", code="invalid_value")
+        ctx.planner.check_token_ids(req.tokens, "tokens")
         return DetokenizeResponse(prompt=ctx.tokenizer.decode(req.tokens))
+
+    @app.get("/tokenizer_info", dependencies=[Depends(require_api_key)], responses=_ERRORS)
+    async def get_tokenizer_info() -> TokenizerInfoResponse:
+        return TokenizerInfoResponse(**ctx.tokenizer_info)
 
     @app.get("/health")
     async def health():
@@ -228,7 +303,7 @@ def create_app(settings: ServerSettings, model_dir: Path) -> FastAPI:
         status = "draining" if ctx.draining else "ok" if engine.ready else engine.state
         body = {
             "status": status,
-            "model": settings.served_model_name,
+            "model": ctx.served_names[0],
             "running": engine.active_count,
             "waiting": engine.waiting_count,
             "slots_total": engine.max_batch,
@@ -247,7 +322,49 @@ def create_app(settings: ServerSettings, model_dir: Path) -> FastAPI:
             data, content_type = ctx.metrics.render()
             return Response(data, media_type=content_type)
 
+    app.openapi = lambda: _openapi(app, settings)
     return app
+
+
+# --- the OpenAPI schema: bodies are parsed by hand (read_json, _parse), so they are declared here ---
+_REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, TokenizeCompletionRequest, TokenizeChatRequest, DetokenizeRequest)
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503)}
+
+
+def _json_body(*models: type[BaseModel]) -> dict:
+    refs = [{"$ref": f"#/components/schemas/{m.__name__}"} for m in models]
+    schema = refs[0] if len(refs) == 1 else {"anyOf": refs}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _generation_responses(response: type[BaseModel], chunk: type[BaseModel]) -> dict:
+    ok = {
+        "model": response,
+        "description": "the whole answer; with stream: true, server-sent events of chunks, then `data: [DONE]`",
+        "content": {"text/event-stream": {"schema": {"$ref": f"#/components/schemas/{chunk.__name__}"}}},
+    }
+    return {200: ok, **_ERRORS}
+
+
+def _openapi(app: FastAPI, settings: ServerSettings) -> dict:
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        _, defs = models_json_schema(
+            [(m, "validation") for m in _REQUEST_MODELS] + [(m, "serialization") for m in (CompletionChunk, ChatCompletionChunk)],
+            ref_template="#/components/schemas/{model}",
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(defs["$defs"])
+        # The server's own limits, so that the schema admits exactly what the server does.
+        for name in ("CompletionRequest", "ChatCompletionRequest"):
+            props = components[name]["properties"]
+            for field, maximum in (("n", settings.max_n), ("best_of", settings.max_n), ("logprobs", settings.max_logprobs),
+                                   ("top_logprobs", settings.max_logprobs), ("prompt_logprobs", settings.max_logprobs)):
+                for branch in props.get(field, {}).get("anyOf", [props.get(field, {})]):
+                    if branch.get("type") == "integer":
+                        branch["maximum"] = maximum
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 # --- request bodies ------------------------------------------------------------------------------
@@ -304,10 +421,19 @@ def _validation_error(exc: ValidationError) -> APIError:
     return APIError(400, f"Invalid value for '{'.'.join(loc)}': {message} (got {shown}).", param=param, code="invalid_value")
 
 
+def _base_request_id(request: Request, body_id: str | None) -> str:
+    """As vLLM: the client's X-Request-ID header, else the body's request_id, else a new one."""
+    record = request_log.request_record(request.scope)
+    given = request.headers.get(request_log.REQUEST_ID_HEADER)
+    if given and record is not None and given == record.request_id:  # the middleware took it: it is sane
+        return given
+    return body_id or uuid.uuid4().hex
+
+
 # --- non-streaming responses ---------------------------------------------------------------------
-async def _respond_unless_disconnected(request: Request, ctx: ServerContext, plan, submission):
-    """Wait for the completion, but cancel it (freeing its slots) if the client hangs up first."""
-    work = asyncio.ensure_future(ctx.completions.respond(plan, submission))
+async def _respond_unless_disconnected(request: Request, respond, submission):
+    """Wait for the response, but cancel it (freeing its slots) if the client hangs up first."""
+    work = asyncio.ensure_future(respond)
     hangup = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
         await asyncio.wait({work, hangup}, return_when=asyncio.FIRST_COMPLETED)
@@ -329,8 +455,9 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
-def _model_card(ctx: ServerContext) -> ModelCard:
-    return ModelCard(id=ctx.settings.served_model_name, created=ctx.created, max_model_len=ctx.max_len)
+def _model_card(ctx: ServerContext, name: str) -> ModelCard:
+    permission = ModelPermission(id=f"modelperm-{uuid.uuid5(uuid.NAMESPACE_URL, name).hex}", created=ctx.created)
+    return ModelCard(id=name, created=ctx.created, root=str(ctx.model_dir), max_model_len=ctx.max_len, permission=[permission])
 
 
 def _unavailable(message: str, code: str = "service_unavailable") -> APIError:

@@ -1,56 +1,239 @@
-"""Wire format: OpenAI's legacy completions API (requests, responses, stream chunks, errors).
+"""Wire format: OpenAI's completions and chat completions with vLLM's extensions, the tokenizer
+routes, the model list, errors.
 
-Field names, types and defaults follow https://platform.openai.com/docs/api-reference/completions.
-Extensions: `top_k` and `ignore_eos` (as in vLLM). Unknown fields and parameters this model cannot
-honour are rejected with a 400 naming them, never silently ignored.
+The request fields are OpenAI's (https://platform.openai.com/docs/api-reference) and every field
+vLLM 0.34.0 accepts on the same routes (vllm/entrypoints/openai/completion/protocol.py,
+chat_completion/protocol.py, serve/tokenize/protocol.py), so clients written for either run
+unchanged. Each field is one of three kinds:
 
-Validation is strict (no "1" for 1, no NaN), so a client's mistake surfaces as a clear 400.
+- implemented (most of them);
+- IGNORED: meaningless for this server (KV transfer, multimodal, reasoning, render-only flags...):
+  accepted, and the first request that sets one logs one warning naming it;
+- UNSUPPORTED: it would change the output in a way this server cannot (beam search, structured
+  output, tools, ...): accepted with its default value, a 400 `unsupported_parameter` otherwise.
+
+A field that neither OpenAI nor vLLM knows is a 400 `unknown_parameter` (server/README.md says
+why). An explicit `null` means the default, for every field. Validation is otherwise strict
+(no "1" for 1, no NaN), so a client's mistake surfaces as a clear 400 naming the parameter.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import logging
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+
+log = logging.getLogger("nanogpt_mlx.server")
 
 MAX_STOP_STRINGS = 4
-MAX_LOGPROBS = 5
+INT64 = {"ge": -(2**63), "le": 2**63 - 1}
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
-# --- requests ---------------------------------------------------------------------------------
+
+# --- fields shared by completions and chat completions --------------------------------------------
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: bool = Field(False, description="a last chunk with `choices: []` and the request's usage")
+    continuous_usage_stats: bool = Field(False, description="vLLM: usage so far on every chunk")
 
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+TokenId = Annotated[int, Field(ge=0)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+StopList = Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_STRINGS)]
 
 
-class CompletionRequest(_Strict):
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+
+
+# Accepted, changing nothing here: field -> why (logged once per field name).
+IGNORED: dict[str, str] = {
+    "spaces_between_special_tokens": "GPT-2's only special token is <|endoftext|>",
+    "length_penalty": "it applies to beam search only",
+    "session_id": "there is no session routing here",
+    "return_weight_versions": "the weights never change while serving",
+    "routed_experts_prompt_start": "this model has no experts",
+    "return_token_offsets": "it applies to vLLM's render endpoints only",
+    "mm_payload": "this model reads text only",
+    "return_mm_kwargs": "this model reads text only",
+    "media_io_kwargs": "this model reads text only",
+    "mm_processor_kwargs": "this model reads text only",
+    "cache_salt": "there is no prefix cache to salt",
+    "kv_transfer_params": "there is no disaggregated serving",
+    "ec_transfer_params": "there is no disaggregated serving",
+    "vllm_xargs": "there are no custom extensions",
+    "thinking_token_budget": "this model does not reason in separate tokens",
+    "reasoning_effort": "this model does not reason in separate tokens",
+    "include_reasoning": "this model does not reason in separate tokens",
+    "stream_interval": "every token is streamed as soon as its text is settled",
+    "parallel_tool_calls": "this model cannot call tools",
+    "store": "nothing is stored",
+    "metadata": "nothing is stored",
+    "service_tier": "there is one tier",
+    "prompt_cache_key": "there is no prompt cache",
+    "safety_identifier": "nothing is moderated",
+    "verbosity": "this model has no verbosity control",
+    "prediction": "predicted outputs only speed up generation",
+}
+_warned: set[str] = set()
+
+
+def warn_ignored(request: BaseModel) -> None:
+    """One warning per ignored field name for the life of the process."""
+    for name in sorted(request.model_fields_set & IGNORED.keys() - _warned):
+        _warned.add(name)
+        log.warning("request field %r is accepted and ignored: %s", name, IGNORED[name])
+
+
+class GenerationRequest(_Strict):
+    """What completions and chat completions share: sampling, stopping, and vLLM's extensions."""
+
     model: str | None = None
-    prompt: Prompt
-    max_tokens: int | None = Field(16, ge=0)
-    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
-    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, description="extension: sample from the k most likely tokens (0 or -1 = off)")
-    n: int | None = Field(1, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool | None = False
-    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in -100..100")
+    n: int | None = Field(1, ge=1)
+    seed: int | None = Field(None, **INT64)
+    stop: str | StopList | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    ignore_eos: bool | None = Field(False, description="extension: keep generating after <|endoftext|>")
-    # Accepted only with values that change nothing; anything else is a clear 400 (see below).
-    suffix: str | None = None
-    best_of: int | None = None
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    user: str | None = None
+    response_format: ResponseFormat | None = Field(None, description="only {'type': 'text'}: structured output is not supported")
+
+    # vLLM's sampling parameters
+    top_k: int | None = Field(None, ge=-1, description="vLLM: sample from the k most likely tokens (0 or -1 = off)")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="vLLM: drop tokens less likely than min_p x the most likely")
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="vLLM: > 1 discourages tokens of the prompt and output")
+    stop_token_ids: list[TokenId] | None = Field(None, description="vLLM: token ids that end generation")
+    include_stop_str_in_output: bool | None = Field(False, description="vLLM: keep the stop string (or stop token) in the text")
+    ignore_eos: bool | None = Field(False, description="vLLM: keep generating after <|endoftext|>")
+    min_tokens: int | None = Field(0, ge=0, description="vLLM: no EOS, stop token or stop string before this many tokens")
+    skip_special_tokens: bool | None = Field(True, description="vLLM: False shows a generated <|endoftext|> in the text")
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, description="vLLM: keep only this many prompt tokens (-1: the context)")
+    truncation_side: Literal["left", "right"] | None = Field(None, description="vLLM: which end truncate_prompt_tokens cuts (default left)")
+    allowed_token_ids: TokenIds | None = Field(None, description="vLLM: sample only among these token ids")
+    prompt_logprobs: int | None = Field(None, ge=0, description="vLLM: logprobs of each prompt token with this many alternatives")
+    priority: int | None = Field(0, **INT64, description="vLLM: lower is admitted first when requests wait")
+    request_id: str | None = Field(None, min_length=1, max_length=128, description="vLLM: the response id (after its prefix)")
+    return_tokens_as_token_ids: bool | None = Field(None, description="vLLM: logprob tokens as 'token_id:N'")
+    return_token_ids: bool | None = Field(None, description="vLLM: the prompt and generated token ids in each choice")
+
+    # UNSUPPORTED unless left at their defaults (check_supported)
+    use_beam_search: bool | None = False
+    watermarking: bool | None = None
+    bad_words: list[str] | None = None
+    logprob_token_ids: list[TokenId] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    repetition_detection: dict[str, Any] | None = None
+
+    # IGNORED (see IGNORED)
+    spaces_between_special_tokens: bool | None = True
+    length_penalty: float | None = 1.0
+    session_id: str | None = None
+    return_weight_versions: bool | None = False
+    routed_experts_prompt_start: int | None = Field(0, ge=0)
+    return_token_offsets: bool | None = False
+    mm_payload: str | None = None
+    return_mm_kwargs: bool | None = None
+    cache_salt: str | None = Field(None, min_length=1, max_length=1024)
+    kv_transfer_params: dict[str, Any] | None = None
+    ec_transfer_params: dict[str, Any] | None = None
+    vllm_xargs: dict[str, Any] | None = None
+    thinking_token_budget: int | None = None
+    stream_interval: int | None = Field(None, ge=1)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias_values(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.strip().lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be between -100 and 100, got {bias} for token {key}")
+        return value
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_shape(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if len(value) > MAX_STOP_STRINGS:
+                raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(value)}")
+            if not all(isinstance(s, str) and s for s in value):
+                raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+        elif isinstance(value, str) and not value:
+            raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+        return value
+
+    def check_supported(self) -> None:
+        """Raise ParamError for a field that parses but asks for what this server cannot do."""
+        if self.stream_options is not None and not self.stream:
+            raise ParamError("stream_options", "stream_options is only allowed when stream is true")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ParamError("prompt_logprobs", "prompt_logprobs are not available when stream is true (as in vLLM)")
+        if self.response_format is not None and self.response_format.type != "text":
+            kind = self.response_format.type
+            raise ParamError("response_format", f"response_format {kind!r} is not supported: no structured output here")
+        unsupported = {
+            "use_beam_search": (self.use_beam_search, "beam search is not supported"),
+            "watermarking": (self.watermarking, "watermarking is not supported"),
+            "bad_words": (self.bad_words, "bad_words is not supported"),
+            "logprob_token_ids": (self.logprob_token_ids, "logprob_token_ids is not supported: use logprobs"),
+            "structured_outputs": (self.structured_outputs, "structured output is not supported"),
+            "repetition_detection": (self.repetition_detection, "repetition_detection is not supported: try repetition_penalty"),
+        }
+        for param, (value, message) in unsupported.items():
+            if value:
+                raise ParamError(param, message)
+
+    # --- normalized views (defaults applied) ------------------------------------------------------
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def token_bias(self) -> dict[int, float]:
+        return {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+
+
+class ParamError(ValueError):
+    """A request that is well-formed but asks for something invalid here; names the parameter."""
+
+    def __init__(self, param: str, message: str, code: str = "unsupported_parameter"):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# --- /v1/completions ----------------------------------------------------------------------------------
+Prompt = str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: Prompt
+    max_tokens: int | None = Field(16, ge=0)
+    echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, description="the chosen token's logprob and this many alternatives")
+    best_of: int | None = Field(None, ge=1, description="sample this many per prompt, return the n with the highest logprob")
+    suffix: str | None = Field(None, description="UNSUPPORTED: no fill-in-the-middle")
+    add_special_tokens: bool | None = Field(True, description="vLLM: GPT-2's tokenizer adds none either way")
+    prompt_embeds: str | list[str] | None = Field(None, description="UNSUPPORTED")
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -71,36 +254,17 @@ class CompletionRequest(_Strict):
             )
         return value
 
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_shape(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            if len(value) > MAX_STOP_STRINGS:
-                raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(value)}")
-            if not all(isinstance(s, str) and s for s in value):
-                raise ValueError("stop must be a non-empty string or a list of non-empty strings")
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _logit_bias_values(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        for key, bias in (value or {}).items():
-            if not key.strip().lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
-            if not -100.0 <= bias <= 100.0:
-                raise ValueError(f"logit_bias values must be between -100 and 100, got {bias} for token {key}")
-        return value
-
     def check_supported(self) -> None:
-        """Raise ParamError for parameters that parse but that this server cannot honour."""
+        super().check_supported()
         if self.suffix:
             raise ParamError("suffix", "suffix is not supported: this model cannot insert text (no fill-in-the-middle)")
-        if self.best_of is not None and self.best_of != (self.n or 1):
-            raise ParamError("best_of", "best_of other than n is not supported (no server-side ranking of choices)")
-        if self.stream_options is not None and not self.stream:
-            raise ParamError("stream_options", "stream_options is only allowed when stream is true")
+        if self.prompt_embeds:
+            raise ParamError("prompt_embeds", "prompt_embeds is not supported: send text or token ids")
+        if self.best_of is not None and self.best_of < (self.n or 1):
+            raise ParamError("best_of", f"best_of ({self.best_of}) must be at least n ({self.n or 1})", "invalid_value")
+        if (self.best_of or 1) > (self.n or 1) and self.stream:
+            raise ParamError("best_of", "best_of greater than n cannot be streamed (the best are known only at the end)")
 
-    # --- normalized views (defaults applied) ------------------------------------------------------
     def prompts(self) -> list[str] | list[list[int]]:
         """The prompt as a list of strings or a list of token-id lists."""
         p = self.prompt
@@ -110,38 +274,136 @@ class CompletionRequest(_Strict):
             return [p]  # one prompt given as token ids
         return p
 
-    def stop_strings(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def token_bias(self) -> dict[int, float]:
-        return {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+# --- /v1/chat/completions ------------------------------------------------------------------------------
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
 
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-class ParamError(ValueError):
-    """A request that is well-formed but asks for something invalid here; names the parameter."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("type") not in (None, "text"):
+            raise ValueError(f"content parts of type {data.get('type')!r} are not supported: this model reads text only")
+        return data
 
 
-class TokenizeRequest(_Strict):
+class ChatMessage(BaseModel):
+    """One message. Keys besides role and content (name, tool_call_id, ...) go to the template as given."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    role: Annotated[str, Field(min_length=1)]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+    def for_template(self) -> dict[str, Any]:
+        return {**self.model_dump(exclude={"content"}), "content": self.text()}
+
+
+class ChatTemplateFields(_Strict):
+    """How messages become a prompt (shared by chat completions and /tokenize)."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    add_generation_prompt: bool | None = Field(True, description="end with the assistant's turn label")
+    continue_final_message: bool | None = Field(False, description="leave the last message open for the model to continue")
+    add_special_tokens: bool | None = Field(False, description="GPT-2's tokenizer adds none either way")
+    chat_template: str | None = Field(None, description="a Jinja template for this request (Hugging Face format)")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="extra variables for the template")
+    documents: list[dict[str, str]] | None = Field(None, description="passed to the template as `documents`")
+    tools: list[dict[str, Any]] | None = Field(None, description="UNSUPPORTED: this model cannot call tools")
+
+    def check_template_fields(self) -> None:
+        if self.add_generation_prompt is not False and self.continue_final_message and "add_generation_prompt" in self.model_fields_set:
+            message = "continue_final_message and add_generation_prompt cannot both be true"
+            raise ParamError("continue_final_message", message, "invalid_value")
+        if self.tools:
+            raise ParamError("tools", "tools are not supported: this model cannot call tools")
+
+
+class ChatCompletionRequest(ChatTemplateFields, GenerationRequest):
+    logprobs: bool | None = Field(False, description="the chosen tokens' logprobs")
+    top_logprobs: int | None = Field(0, ge=0, description="this many alternatives per token (needs logprobs)")
+    max_tokens: int | None = Field(None, ge=0, description="OpenAI's older name of max_completion_tokens; default: the rest of the context")
+    max_completion_tokens: int | None = Field(None, ge=0)
+    echo: bool | None = Field(False, description="vLLM: prepend the last message's content when it is the assistant's")
+    return_prompt_text: bool | None = Field(None, description="vLLM: the templated prompt in the response")
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = Field("none", description="UNSUPPORTED unless 'none'")
+    functions: list[dict[str, Any]] | None = Field(None, description="UNSUPPORTED (OpenAI's deprecated tools)")
+    function_call: str | dict[str, Any] | None = Field(None, description="UNSUPPORTED (OpenAI's deprecated tool_choice)")
+    modalities: list[Literal["text", "audio"]] | None = Field(None, description="only ['text']")
+    audio: dict[str, Any] | None = Field(None, description="UNSUPPORTED")
+    web_search_options: dict[str, Any] | None = Field(None, description="UNSUPPORTED")
+
+    # IGNORED (see IGNORED)
+    reasoning_effort: str | None = None
+    include_reasoning: bool | None = True
+    parallel_tool_calls: bool | None = True
+    media_io_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    verbosity: str | None = None
+    prediction: dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        self.check_template_fields()
+        if self.tool_choice not in (None, "none"):
+            raise ParamError("tool_choice", "tool_choice is not supported: this model cannot call tools")
+        for param in ("functions", "function_call"):
+            if getattr(self, param):
+                raise ParamError(param, f"{param} is not supported: this model cannot call tools")
+        if self.modalities and self.modalities != ["text"]:
+            raise ParamError("modalities", "only text output is supported")
+        for param in ("audio", "web_search_options"):
+            if getattr(self, param):
+                raise ParamError(param, f"{param} is not supported")
+        if self.top_logprobs and not self.logprobs:
+            raise ParamError("top_logprobs", "top_logprobs needs logprobs: true", "invalid_value")
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+# --- /tokenize, /detokenize ---------------------------------------------------------------------------
+class TokenizeCompletionRequest(_Strict):
     model: str | None = None
     prompt: str
+    add_special_tokens: bool | None = Field(True, description="GPT-2's tokenizer adds none either way")
+    return_token_strs: bool | None = Field(False, description="also each token as a string")
+
+
+class TokenizeChatRequest(ChatTemplateFields):
+    model: str | None = None
+    return_token_strs: bool | None = Field(False, description="also each token as a string")
+    response_format: ResponseFormat | None = None
+    media_io_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
 
 
 class DetokenizeRequest(_Strict):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 # --- responses -----------------------------------------------------------------------------------
+class _Response(BaseModel):
+    """A response model whose vLLM-only fields are left out while null (OpenAI's always appear)."""
+
+    omit_when_null: ClassVar[frozenset[str]] = frozenset({"prompt_logprobs", "prompt_token_ids", "token_ids", "prompt_text"})
+
+    @model_serializer(mode="wrap")
+    def _omit_nulls(self, handler):
+        return {key: value for key, value in handler(self).items() if value is not None or key not in self.omit_when_null}
+
+
 class Logprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)
@@ -149,17 +411,33 @@ class Logprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob: one entry of a prompt position's {token_id: ...} map."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+class CompletionChoice(_Response):
     text: str
     index: int
     logprobs: Logprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = Field(None, description="vLLM: the stop string or stop token id that ended the text (null for EOS)")
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
 
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
 
 
 class CompletionResponse(BaseModel):
@@ -171,34 +449,14 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "nanogpt-mlx"
-    max_model_len: int
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class TokenizeResponse(BaseModel):
-    tokens: list[int]
-    count: int
-    max_model_len: int
-
-
-class DetokenizeResponse(BaseModel):
-    prompt: str
-
-
-class CompletionChunkChoice(BaseModel):
+class CompletionChunkChoice(_Response):
     text: str
     index: int
     logprobs: Logprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
 
 
 class CompletionChunk(BaseModel):
@@ -210,6 +468,125 @@ class CompletionChunk(BaseModel):
     model: str
     choices: list[CompletionChunkChoice]
     usage: Usage | None = None
+
+
+class ChatLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatLogprobContent(ChatLogprob):
+    top_logprobs: list[ChatLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatLogprobContent] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    refusal: str | None = None
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ChatChoice(_Response):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    token_ids: list[int] | None = None
+
+
+class ChatCompletionResponse(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
+    prompt_token_ids: list[int] | None = None
+    prompt_text: str | None = None
+
+
+class DeltaMessage(_Response):
+    """What a chunk adds to the message: the role in a choice's first chunk, then content."""
+
+    omit_when_null: ClassVar[frozenset[str]] = frozenset({"role", "content"})
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Response):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    token_ids: list[int] | None = None
+
+
+class ChatCompletionChunk(_Response):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    prompt_token_ids: list[int] | None = None
+    prompt_text: str | None = None
+
+
+class ModelPermission(BaseModel):
+    id: str
+    object: Literal["model_permission"] = "model_permission"
+    created: int
+    allow_create_engine: bool = False
+    allow_sampling: bool = True
+    allow_logprobs: bool = True
+    allow_search_indices: bool = False
+    allow_view: bool = True
+    allow_fine_tuning: bool = False
+    organization: str = "*"
+    group: str | None = None
+    is_blocking: bool = False
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "nanogpt-mlx"
+    root: str | None = Field(None, description="the checkpoint directory")
+    parent: str | None = None
+    max_model_len: int
+    permission: list[ModelPermission] = Field(default_factory=list)
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfoResponse(BaseModel):
+    """The tokenizer's configuration, as tokenizer_config.json holds it (vLLM's /tokenizer_info)."""
+
+    model_config = ConfigDict(extra="allow")
+    tokenizer_class: str
 
 
 class ErrorBody(BaseModel):

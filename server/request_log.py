@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from nanogpt_mlx.server.completions import CompletionPlan
+    from nanogpt_mlx.server.completions import Plan
     from nanogpt_mlx.server.engine import Submission
     from nanogpt_mlx.server.metrics import ServerMetrics
 
@@ -80,7 +80,7 @@ def note_error_code(scope: dict, code: str | None) -> None:
         record.error_code = code
 
 
-def note_completion(scope: dict, plan: "CompletionPlan") -> None:
+def note_completion(scope: dict, plan: "Plan") -> None:
     record = request_record(scope)
     if record is None:
         return

@@ -9,10 +9,10 @@ never drift apart.
 from __future__ import annotations
 
 import argparse
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "NANOGPT_MLX_"
 
@@ -21,7 +21,11 @@ class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", protected_namespaces=())
 
     model: str | None = Field(None, description="checkpoint directory (HF GPT-2 format); without it, the bundled checkpoint")
-    served_model_name: str = Field("nanogpt-mlx", description="the model id clients pass as `model`")
+    served_model_name: Annotated[list[str], NoDecode] = Field(
+        ["nanogpt-mlx"],
+        min_length=1,
+        description="the model ids clients may pass as `model` (several: space-separated); a request naming none gets the first",
+    )
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 exposes the server to the network)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")
     device: Literal["auto", "cpu", "gpu"] = Field("auto", description="where MLX runs")
@@ -37,7 +41,12 @@ class ServerSettings(BaseSettings):
     )
     api_key: str | None = Field(None, description="require `Authorization: Bearer KEY` on /v1 and /tokenize routes")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="largest accepted request body (413 beyond)")
-    max_n: int = Field(16, ge=1, description="largest `n` (choices per prompt) a request may ask for")
+    max_n: int = Field(16, ge=1, description="largest `n` (choices per prompt) or `best_of` a request may ask for")
+    max_logprobs: int = Field(20, ge=0, description="largest `logprobs` / `top_logprobs` / `prompt_logprobs` a request may ask for")
+    chat_template: str | None = Field(
+        None, description="chat template for /v1/chat/completions: a Jinja file (Hugging Face format) or the template inline; "
+        "default: the checkpoint's own, else a plain 'User: / Assistant:' transcript"
+    )
     shutdown_timeout: float = Field(
         30.0, ge=0, description="on SIGTERM, seconds to let in-flight requests finish before ending them"
     )
@@ -47,6 +56,13 @@ class ServerSettings(BaseSettings):
         "text", description="one line per request on logger nanogpt_mlx.access: key=value text, JSON lines, or none"
     )
     log_prompts: bool = Field(False, description="include the prompt text in access log lines (off: prompts are never logged)")
+
+    @field_validator("served_model_name", mode="before")
+    @classmethod
+    def _names(cls, value):
+        if isinstance(value, str):  # from the environment: "a b" or "a,b"
+            value = value.replace(",", " ").split()
+        return value
 
 
 def flag_name(field: str) -> str:
@@ -66,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction  # --metrics / --no-metrics
         elif annotation in (int, float):
             kwargs["type"] = annotation
+        elif getattr(annotation, "__origin__", None) is list:
+            kwargs["nargs"] = "+"  # --served-model-name a b
         default = "" if info.default is None else f"default: {info.default}; "
         kwargs["help"] = f"{info.description} ({default}env {env})"
         parser.add_argument(flag_name(name), **kwargs)

@@ -23,6 +23,41 @@ from nanogpt_mlx.server.settings import ServerSettings
 
 HOST = "127.0.0.1"
 
+# Every field of vLLM 0.34.0's CompletionRequest (vllm/entrypoints/openai/completion/protocol.py),
+# each with its default (or a value that changes nothing), plus OpenAI's best_of.
+VLLM_COMPLETION_FIELDS = {
+    "model": "nanogpt-mlx", "prompt": "Hello", "echo": False, "frequency_penalty": 0.0, "logit_bias": None, "logprobs": None,
+    "max_tokens": 4, "n": 1, "presence_penalty": 0.0, "seed": None, "stop": [], "stream": False, "stream_options": None,
+    "suffix": None, "temperature": 0.0, "top_p": 1.0, "user": "someone", "use_beam_search": False, "top_k": 0, "min_p": 0.0,
+    "repetition_penalty": 1.0, "watermarking": None, "length_penalty": 1.0, "stop_token_ids": [], "include_stop_str_in_output": False,
+    "ignore_eos": False, "min_tokens": 0, "skip_special_tokens": True, "spaces_between_special_tokens": True,
+    "truncate_prompt_tokens": None, "truncation_side": None, "allowed_token_ids": None, "prompt_logprobs": None,
+    "logprob_token_ids": None, "bad_words": [], "prompt_embeds": None, "add_special_tokens": True, "response_format": {"type": "text"},
+    "structured_outputs": None, "priority": 0, "request_id": "abc-1", "session_id": "s-1", "return_tokens_as_token_ids": None,
+    "return_token_ids": None, "return_weight_versions": False, "routed_experts_prompt_start": 0, "return_token_offsets": False,
+    "mm_payload": "tensors", "return_mm_kwargs": None, "cache_salt": "salt", "kv_transfer_params": None, "ec_transfer_params": None,
+    "vllm_xargs": None, "repetition_detection": None, "thinking_token_budget": None, "stream_interval": None, "best_of": 1,
+}
+
+# Every field of vLLM 0.34.0's ChatCompletionRequest (vllm/entrypoints/openai/chat_completion/protocol.py),
+# each with its default (or a value that changes nothing).
+VLLM_CHAT_FIELDS = {
+    "messages": [{"role": "user", "content": "Hello"}], "model": "nanogpt-mlx", "frequency_penalty": 0.0, "logit_bias": None,
+    "logprobs": False, "top_logprobs": 0, "max_tokens": None, "max_completion_tokens": 4, "n": 1, "presence_penalty": 0.0,
+    "response_format": None, "seed": None, "stop": [], "stream": False, "stream_options": None, "temperature": 0.0, "top_p": 1.0,
+    "tools": None, "tool_choice": "none", "reasoning_effort": None, "thinking_token_budget": None, "include_reasoning": True,
+    "parallel_tool_calls": True, "user": None, "use_beam_search": False, "top_k": None, "min_p": None, "repetition_penalty": None,
+    "watermarking": None, "length_penalty": 1.0, "stop_token_ids": [], "include_stop_str_in_output": False, "ignore_eos": False,
+    "min_tokens": 0, "skip_special_tokens": None, "spaces_between_special_tokens": True, "truncate_prompt_tokens": None,
+    "truncation_side": None, "prompt_logprobs": None, "logprob_token_ids": None, "allowed_token_ids": None, "bad_words": [],
+    "echo": False, "add_generation_prompt": True, "continue_final_message": False, "add_special_tokens": False, "documents": None,
+    "chat_template": None, "chat_template_kwargs": None, "media_io_kwargs": None, "mm_processor_kwargs": None,
+    "structured_outputs": None, "priority": 0, "request_id": "chat-1", "session_id": None, "return_tokens_as_token_ids": None,
+    "return_token_ids": None, "return_weight_versions": False, "routed_experts_prompt_start": 0, "return_token_offsets": False,
+    "return_prompt_text": None, "mm_payload": "tensors", "return_mm_kwargs": None, "cache_salt": None, "kv_transfer_params": None,
+    "ec_transfer_params": None, "vllm_xargs": None, "repetition_detection": None, "stream_interval": None,
+}
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -45,7 +45,7 @@ def test_publish_writes_an_fp16_checkpoint_with_a_measured_card(trained_run, sha
                    "--status", "interim: the run continues", "--no-progress", timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json", "merges.txt",
-                                                     "model.safetensors", "vocab.json"]
+                                                     "model.safetensors", "tokenizer_config.json", "vocab.json"]
     assert not list(tmp_path.glob(".default.tmp-*"))  # nothing left of the temporary directory
 
     # fp16 storage, the same model as the run's best (within fp16 rounding), loading as fp32

@@ -232,7 +232,7 @@ def test_curl_streams_server_sent_events(http, server):
         ({"prompt": "x", "temperature": "hot"}, "temperature", "invalid_value"),
         ({"prompt": "x", "temperature": -1}, "temperature", "invalid_value"),
         ({"prompt": "x", "top_p": 1.5}, "top_p", "invalid_value"),
-        ({"prompt": "x", "logprobs": 6}, "logprobs", "invalid_value"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs", "invalid_value"),
         ({"prompt": "x", "n": 0}, "n", "invalid_value"),
         ({"prompt": "x", "n": 1000}, "n", "invalid_value"),
         ({"prompt": "x", "max_tokens": -5}, "max_tokens", "invalid_value"),
@@ -246,7 +246,8 @@ def test_curl_streams_server_sent_events(http, server):
         ({"max_tokens": 3}, "prompt", "missing_required_parameter"),
         ({"prompt": "x", "frobnicate": True}, "frobnicate", "unknown_parameter"),
         ({"prompt": "x", "suffix": "the end"}, "suffix", "unsupported_parameter"),
-        ({"prompt": "x", "best_of": 4}, "best_of", "unsupported_parameter"),
+        ({"prompt": "x", "best_of": 1, "n": 2}, "best_of", "invalid_value"),
+        ({"prompt": "x", "use_beam_search": True}, "use_beam_search", "unsupported_parameter"),
         ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options", "unsupported_parameter"),
         ({"prompt": "x", "stream_options": {"include_usage": True, "extra": 1}, "stream": True}, "stream_options", "unknown_parameter"),
         ({"prompt": "word " * 120, "max_tokens": 16}, "max_tokens", "context_length_exceeded"),
@@ -319,7 +320,7 @@ def test_models_health_tokenize_detokenize(http, sdk):
     assert health.json()["status"] == "ok" and health.json()["slots_free"] == 16
 
     tok = http.post("/tokenize", json={"prompt": "Hello world<|endoftext|>"}).json()
-    assert tok == {"tokens": [15496, 995, 50256], "count": 3, "max_model_len": 128}
+    assert tok == {"tokens": [15496, 995, 50256], "count": 3, "max_model_len": 128, "token_strs": None}
     assert http.post("/detokenize", json={"tokens": [15496, 995]}).json() == {"prompt": "Hello world"}
     assert_openai_error(http.post("/detokenize", json={"tokens": [99999]}), 400, "tokens")
     assert_openai_error(http.post("/tokenize", json={"text": "x"}), 400)

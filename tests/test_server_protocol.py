@@ -78,7 +78,7 @@ def test_prompt_forms(prompt, expected):
         ({"prompt": "x", "temperature": "1"}, "temperature"),
         ({"prompt": "x", "temperature": 2.5}, "temperature"),
         ({"prompt": "x", "top_p": 0}, "top_p"),
-        ({"prompt": "x", "logprobs": 6}, "logprobs"),
+        ({"prompt": "x", "logprobs": -1}, "logprobs"),
         ({"prompt": "x", "n": 0}, "n"),
         ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
         ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
@@ -101,8 +101,12 @@ def test_invalid_requests_name_the_parameter(body, param):
     "body, param",
     [
         ({"prompt": "x", "suffix": "tail"}, "suffix"),
-        ({"prompt": "x", "best_of": 3}, "best_of"),
+        ({"prompt": "x", "best_of": 1, "n": 2}, "best_of"),
+        ({"prompt": "x", "best_of": 3, "stream": True}, "best_of"),
         ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
+        ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+        ({"prompt": "x", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
     ],
 )
 def test_parameters_this_model_cannot_honour_are_refused(body, param):
@@ -115,6 +119,7 @@ def test_parameters_this_model_cannot_honour_are_refused(body, param):
 def test_harmless_values_of_unsupported_parameters_are_accepted():
     req = CompletionRequest.model_validate({"prompt": "x", "suffix": None, "best_of": 2, "n": 2, "user": "me"})
     req.check_supported()
+    CompletionRequest.model_validate({"prompt": "x", "best_of": 3, "use_beam_search": False, "response_format": {"type": "text"}}).check_supported()
 
 
 # --- settings --------------------------------------------------------------------------------------

@@ -270,7 +270,11 @@ class Engine:
             free_slots = self.max_batch - self._active
             if len(self._waiting) + len(requests) > self.max_queue + max(0, free_slots):
                 raise QueueFullError(f"{len(self._waiting)} sequences are already waiting (limit {self.max_queue})")
-            self._waiting.extend(submission.sequences)
+            for seq in submission.sequences:  # by priority (lower first), FIFO among equals
+                at = len(self._waiting)
+                while at and self._waiting[at - 1].request.priority > seq.request.priority:
+                    at -= 1
+                self._waiting.insert(at, seq)
             self._wake.notify()
         return submission
 

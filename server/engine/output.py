@@ -38,8 +38,9 @@ class OutputProcessor:
         self._counts: Counter[int] = Counter()  # generated tokens, for the penalties
         self._rng = rng_for(request)
         self._detokenizer = StreamingDetokenizer(tokenizer)
-        self._stops = StopStringMatcher(request.stop)
+        self._stops = StopStringMatcher(request.stop, include_stop=request.include_stop_str_in_output)
         self._stop_string_hit = False
+        self._stop_reason: int | str | None = None
         self._prompt_logprobs: list[TokenLogprob] | None = [] if request.prompt_logprobs is not None else None
         self._pending = SequenceOutput()
 
@@ -61,8 +62,9 @@ class OutputProcessor:
         logprobs = log_softmax(logits[:scored])
         targets = np.asarray(prompt[begin + 1 : begin + 1 + scored])
         chosen = logprobs[np.arange(scored), targets]
+        ranks = 1 + np.count_nonzero(logprobs > chosen[:, None], axis=1)
         for j in range(scored):
-            self._prompt_logprobs.append(TokenLogprob(int(targets[j]), float(chosen[j]), top_logprobs(logprobs[j], k)))
+            self._prompt_logprobs.append(TokenLogprob(int(targets[j]), float(chosen[j]), top_logprobs(logprobs[j], k), int(ranks[j])))
 
     def prompt_done(self) -> bool:
         """The whole prompt is in the cache: release its logprobs, if asked. Returns whether that
@@ -92,14 +94,18 @@ class OutputProcessor:
                 out.logprobs = []
             out.logprobs.append(TokenLogprob(token, float(raw_logprobs[token]), top_logprobs(raw_logprobs, params.logprobs)))
 
-        if token == EOT_ID and not request.ignore_eos:
-            return "stop"
-        if token != EOT_ID:  # with ignore_eos the EOT is generated but shows no text
-            text, hit = self._stops.feed(self._detokenizer.add(token))
+        stop_token = (token == EOT_ID and not request.ignore_eos) or token in request.stop_token_ids
+        shows_text = token != EOT_ID or not request.skip_special_tokens  # with ignore_eos an EOT may be generated
+        if shows_text and (not stop_token or request.include_stop_str_in_output):
+            text, hit = self._stops.feed(self._detokenizer.add(token), can_stop=self.generated > request.min_tokens)
             out.text += text
             if hit:
                 self._stop_string_hit = True
+                self._stop_reason = self._stops.matched
                 return "stop"
+        if stop_token:
+            self._stop_reason = token if token in request.stop_token_ids else None  # vLLM: None for EOS
+            return "stop"
         if self.generated >= request.max_tokens or at_context_end:
             return "length"
         return None
@@ -117,6 +123,7 @@ class OutputProcessor:
             text, hit = self._stops.feed(self._detokenizer.finalize())
             out.text += text if hit else text + self._stops.flush()
         out.finish_reason = reason
+        out.stop_reason = self._stop_reason if reason == "stop" else None
         out.error = error
         out.prompt_tokens = len(self.request.prompt)
         out.completion_tokens = self.generated

@@ -26,6 +26,12 @@ class SequenceRequest:
     ignore_eos: bool = False
     prompt_logprobs: int | None = None  # echo + logprobs: logprobs of the prompt, with k alternatives
     choice: int = 0  # index among the request's choices; seeds a distinct stream for n > 1
+    # vLLM's extensions (sampling.py masks the stop tokens until min_tokens are generated):
+    stop_token_ids: frozenset[int] = frozenset()  # tokens that end generation, besides EOS
+    include_stop_str_in_output: bool = False  # keep the stop string / stop token text
+    skip_special_tokens: bool = True  # False: a generated <|endoftext|> shows as text
+    min_tokens: int = 0  # no stop string (nor stop token) before this many tokens
+    priority: int = 0  # admission order: lower first, FIFO among equals
 
 
 @dataclass
@@ -33,6 +39,7 @@ class TokenLogprob:
     token: int
     logprob: float | None  # None for a prompt's first token (nothing precedes it)
     top: list[tuple[int, float]]  # the k most likely alternatives at that position
+    rank: int | None = None  # 1 + how many tokens were more likely (prompt logprobs only)
 
 
 @dataclass
@@ -44,6 +51,7 @@ class SequenceOutput:
     logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when asked
     prompt_logprobs: list[TokenLogprob] | None = None  # once, before any generated token, when asked
     finish_reason: str | None = None  # stop | length | abort | error; set on the last output only
+    stop_reason: int | str | None = None  # with "stop": the stop string or stop token id (None for EOS)
     prompt_tokens: int = 0  # set on the last output
     completion_tokens: int = 0  # set on the last output: every generated token, EOT included
     error: str | None = None  # with finish_reason "error"
