@@ -148,7 +148,8 @@ class CacheView:
                 values[row, :, begin : begin + T] = v[b]
         if self.context is None:  # fresh prompts: the chunk is all there is to see
             return k, v
-        if self.first_row is None:  # listed rows: gather a copy of the first `context` columns (slice first: a view)
-            return mx.take(keys[:, :, : self.context], self._gather_rows, axis=0), mx.take(values[:, :, : self.context], self._gather_rows, axis=0)
-        B = k.shape[0]
-        return keys[self.first_row : self.first_row + B, :, : self.context], values[self.first_row : self.first_row + B, :, : self.context]
+        if self.first_row is None:  # listed rows: gather a copy of their first `context` columns (slice first: a view)
+            columns = slice(0, self.context)
+            return mx.take(keys[:, :, columns], self._gather_rows, axis=0), mx.take(values[:, :, columns], self._gather_rows, axis=0)
+        rows = slice(self.first_row, self.first_row + k.shape[0])  # a block of rows: a view, no copy
+        return keys[rows, :, : self.context], values[rows, :, : self.context]

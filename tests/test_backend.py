@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import cli_env
+
 from nanogpt_mlx.model.cpu import blas, runtime
 
 LINUX_X86 = sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
@@ -239,7 +239,8 @@ def test_flush_to_zero_is_on(default_probe):
     assert report["ftz_daz"] is True
     # a product that would be denormal comes out as zero, in NumPy and in MLX
     assert report["numpy_denormal"] == 0.0 and report["mlx_denormal"] == 0.0
-    plain = subprocess.run([sys.executable, "-c", "import numpy as np; print(float(np.float32(1e-38) * np.float32(1e-3)))"], capture_output=True, text=True)
+    product = "import numpy as np; print(float(np.float32(1e-38) * np.float32(1e-3)))"
+    plain = subprocess.run([sys.executable, "-c", product], capture_output=True, text=True)
     assert float(plain.stdout) != 0.0  # without nanogpt_mlx the same product is a denormal
 
 

@@ -114,7 +114,8 @@ def _load_dispatch(report: RuntimeReport) -> bool:
         mkl_lib = ctypes.CDLL(mkl[0])
         openblas_lib = ctypes.CDLL(openblas[0])
         handle = ctypes.CDLL(library, mode=os.RTLD_GLOBAL)
-        handle.nanogpt_mlx_set_sgemm(ctypes.cast(mkl_lib.cblas_sgemm, ctypes.c_void_p), ctypes.cast(openblas_lib.cblas_sgemm, ctypes.c_void_p))
+        one_row, other = (ctypes.cast(lib.cblas_sgemm, ctypes.c_void_p) for lib in (mkl_lib, openblas_lib))
+        handle.nanogpt_mlx_set_sgemm(one_row, other)
     except (OSError, AttributeError) as exc:
         report.notes.append(f"openblas+mkl dispatch not loaded: {exc}")
         return False
