@@ -18,7 +18,7 @@ from nanogpt_mlx.model.config import ModelConfig
 from nanogpt_mlx.model.generate import generate_tokens
 from nanogpt_mlx.model.gpt import GPT
 from nanogpt_mlx.model.kv_cache import CacheView, KVCache
-from nanogpt_mlx.model.runner import ModelRunner, PrefillChunk, _group_by_length, context_for
+from nanogpt_mlx.model.runner import ModelRunner, PrefillChunk, Runner, _group_by_length, context_for
 from nanogpt_mlx.model.sampling import SamplingParams
 
 HF_TOLERANCE = 1e-4
@@ -300,6 +300,7 @@ def test_prefill_all_logits_and_continuation(random_model, tiny_config):
 
 def test_runner_rejects_bad_requests(random_model, tiny_config):
     runner = ModelRunner(random_model(tiny_config), max_rows=2)
+    assert isinstance(runner, Runner) and (runner.max_rows, runner.max_len, runner.vocab_size) == (2, 128, tiny_config.vocab_size)
     with pytest.raises(ValueError):
         runner.prefill(0, [], start=0)
     with pytest.raises(ValueError):
