@@ -44,14 +44,15 @@ def worker(args) -> dict:
     import mlx.core as mx
     import numpy as np
 
-    from nanogpt_mlx.model import backend
     from nanogpt_mlx.model.config import ModelConfig
+    from nanogpt_mlx.model.cpu import blas, runtime
+    from nanogpt_mlx.model.device import measure_gflops, select_device
     from nanogpt_mlx.model.generate import generate_tokens
     from nanogpt_mlx.model.runner import ModelRunner
     from nanogpt_mlx.model.gpt import GPT
     from nanogpt_mlx.model.sampling import SamplingParams
 
-    device = backend.select_device(args.device)
+    device = select_device(args.device)
     mx.random.seed(0)
     model = GPT(ModelConfig())
     model.eval()
@@ -61,11 +62,11 @@ def worker(args) -> dict:
     greedy = SamplingParams(temperature=0.0)
     result = {
         "device": device,
-        "blas": backend.REPORT.blas_name,
-        "blas_path": backend.REPORT.blas_path,
-        "blas_threads": backend.blas_threads(),
+        "blas": runtime.REPORT.blas_name,
+        "blas_path": runtime.REPORT.blas_path,
+        "blas_threads": blas.threads(),
         "params": model.num_params(),
-        "gflops": backend.measure_gflops(),
+        "gflops": measure_gflops(),
     }
 
     # batch-1 decode: 50-token prompt + N greedy tokens

@@ -11,7 +11,7 @@ once per token. Three settings, each in its own subprocess (NumPy's BLAS reads i
 settings when it loads), in alternating order each round, so a noisy machine hits all alike:
 
 - numpy-head:        the default on the CPU: the LM head in NumPy's OpenBLAS, whose idle worker
-                     threads sleep at once (backend._quiet_openblas);
+                     threads sleep at once (model/cpu/runtime.py);
 - numpy-head-spin:   the same with OpenBLAS's default idle wait (OPENBLAS_THREAD_TIMEOUT=28), to
                      show what the setting is for;
 - mlx-head:          the head as an MLX matmul (`hidden @ head`), `host_logits=False`.

@@ -1,5 +1,5 @@
 """Side by side: the training step with the written-out softmax / cross-entropy / GELU of
-model/fast_ops.py, and with MLX's native ops.
+model/cpu/fast_ops.py, and with MLX's native ops.
 
 Each measurement is the real trainer's compiled step (`train_speed.measure`: forward, backward,
 clipping, AdamW) in a fresh process, the two variants alternating round by round so the ratio
@@ -23,7 +23,7 @@ from nanogpt_mlx.benchmarks.machine import cpu_model, git_state
 def worker(fast: bool, batch: int, seq: int, steps: int) -> dict:
     import nanogpt_mlx  # noqa: F401  (prepares the CPU runtime before MLX loads)
     from nanogpt_mlx.benchmarks.train_speed import measure
-    from nanogpt_mlx.model import fast_ops
+    from nanogpt_mlx.model.cpu import fast_ops
 
     fast_ops.set_fast_ops(fast)
     return measure(batch, seq, steps=steps, warmup=1)

@@ -6,7 +6,7 @@ import os
 import platform
 import subprocess
 
-from nanogpt_mlx.model.backend import cpuinfo_field
+from nanogpt_mlx.model.cpu.blas import cpuinfo_field
 
 
 def cpu_model() -> str:
@@ -27,7 +27,7 @@ def describe_machine() -> dict:
     """CPU, cores, MLX version and device, BLAS, and the load average at the start of the run."""
     import mlx.core as mx
 
-    from nanogpt_mlx.model import backend
+    from nanogpt_mlx.model.cpu import blas, runtime
 
     return {
         "cpu": cpu_model(),
@@ -36,8 +36,8 @@ def describe_machine() -> dict:
         "python": platform.python_version(),
         "mlx": mx.__version__,
         "device": str(mx.default_device()),
-        "blas": backend.REPORT.blas_name,
-        "blas_threads": backend.blas_threads(),
+        "blas": runtime.REPORT.blas_name,
+        "blas_threads": blas.threads(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "git": git_state(),
     }

@@ -33,16 +33,18 @@ def resolve_model_dir(model: str | None) -> Path:
 
 
 def add_device_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="where MLX runs (default: GPU if Metal/CUDA is available)")
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "gpu"], default="auto", help="where MLX runs (default: GPU if Metal/CUDA is available)"
+    )
 
 
 def select_device(name: str) -> str:
-    """`backend.select_device`, with an unavailable `--device gpu` reported as a user error."""
+    """`device.select_device`, with an unavailable `--device gpu` reported as a user error."""
     from nanogpt_mlx.cli import UserError
-    from nanogpt_mlx.model import backend
+    from nanogpt_mlx.model import device
 
     try:
-        return backend.select_device(name)
+        return device.select_device(name)
     except (RuntimeError, ValueError) as exc:
         raise UserError(str(exc)) from exc
 
@@ -79,21 +81,31 @@ def cmd_info(args) -> int:
     import mlx.core as mx
 
     from nanogpt_mlx import __version__
-    from nanogpt_mlx.model import backend
+    from nanogpt_mlx.model import ops
+    from nanogpt_mlx.model.cpu import blas, runtime
+    from nanogpt_mlx.model.device import measure_gflops
 
     device = select_device(args.device)
-    report = backend.REPORT
-    print(f"nanogpt-mlx {__version__}   mlx {mx.__version__}   python {platform.python_version()}   {platform.machine()} {platform.system()}")
+    ops.current()  # what a process computing here would use (on the CPU: prepares it for compute)
+    report = runtime.REPORT
+    python = f"python {platform.python_version()}   {platform.machine()} {platform.system()}"
+    print(f"nanogpt-mlx {__version__}   mlx {mx.__version__}   {python}")
     print(f"device: {device}")
     print(f"blas: {report.blas_name}" + (f" ({report.blas_path})" if report.blas_path else ""))
     if report.blas_one_row_path:
         print(f"blas for 1-row products: mkl ({report.blas_one_row_path})")
-    threads = backend.blas_threads()
+    threads = blas.threads()
     print(f"blas threads: {threads if threads is not None else 'unknown'}")
-    print(f"cpu tuning: ftz/daz={'on' if report.ftz_daz else 'off'}  malloc={'tuned' if report.malloc_tuned else 'default'}  jit -march=native={'on' if report.jit_march_native else 'off'}  numpy blas threads={'sleep when idle' if report.numpy_blas_quiet else 'default'}")
+    tuning = [
+        f"ftz/daz={'on' if report.ftz_daz else 'off'}",
+        f"malloc={'tuned' if report.malloc_tuned else 'default'}",
+        f"jit -march=native={'on' if report.jit_march_native else 'off'}",
+        f"numpy blas threads={'sleep when idle' if report.numpy_blas_quiet else 'default'}",
+    ]
+    print("cpu tuning: " + "  ".join(tuning))
     for note in report.notes:
         print(f"note: {note}")
-    print(f"fp32 matmul 1024^3: {backend.measure_gflops():.1f} GFLOP/s")
+    print(f"fp32 matmul 1024^3: {measure_gflops():.1f} GFLOP/s")
     return 0
 
 

@@ -38,7 +38,7 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return ModelConfig(**{**asdict(self), **changes})
 
     # --- Hugging Face GPT-2 config.json -------------------------------------------------------
@@ -67,7 +67,7 @@ class ModelConfig:
         }
 
     @classmethod
-    def from_hf_dict(cls, d: dict) -> "ModelConfig":
+    def from_hf_dict(cls, d: dict) -> ModelConfig:
         if d.get("model_type", "gpt2") != "gpt2":
             raise ValueError(f"not a GPT-2 config: model_type={d.get('model_type')!r}")
         act = d.get("activation_function", "gelu_new")
@@ -91,7 +91,7 @@ class ModelConfig:
         path.write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, directory: str | Path) -> "ModelConfig":
+    def load(cls, directory: str | Path) -> ModelConfig:
         return cls.from_hf_dict(json.loads((Path(directory) / "config.json").read_text()))
 
     @classmethod

@@ -1,9 +1,10 @@
 """`ModelRunner`: the model plus one preallocated KV cache, driven with NumPy in and out.
 
-This is the whole interface a serving engine needs: put a prompt (or a chunk of it) into a cache
-row, advance many rows by one token in a single batched step, and move a row to keep the
-running rows contiguous. Everything about speed on a given device (bucketing shapes, compiled
-graphs) belongs here, so the engine stays free of MLX details.
+This is the whole interface a serving engine needs (`Runner`): put a prompt (or a chunk of it)
+into a cache row, advance many rows by one token in a single batched step, and move a row to keep
+the running rows contiguous. Everything about speed on a given device (bucketing shapes, compiled
+graphs, the device's ops for the LM head and batched prefills) belongs here or in ops.py, so the
+engine stays free of MLX details.
 
 Invariant the caller keeps: `decode` advances rows 0..B-1, so those B rows must be the running
 sequences; rows at B and above may hold prompts being prefilled and are left untouched.
@@ -11,18 +12,19 @@ sequences; rows at B and above may hold prompts being prefilled and are left unt
 
 from __future__ import annotations
 
-import contextlib
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import mlx.core as mx
 import numpy as np
 
-from nanogpt_mlx.model import backend, cpu_streams
-from nanogpt_mlx.model.gpt import GPT, KVCache
-
+from nanogpt_mlx.model import ops
+from nanogpt_mlx.model.cpu import streams as cpu_streams
+from nanogpt_mlx.model.gpt import GPT
+from nanogpt_mlx.model.kv_cache import CacheView, KVCache
 
 CONTEXT_BUCKET = 64  # attend over cache columns rounded up to this: few distinct shapes
 
@@ -45,27 +47,6 @@ class PrefillChunk:
     all_logits: bool = False  # every position's logits (prompt logprobs), not just the last
 
 
-class Runner(Protocol):
-    """What a serving engine drives: a model with a KV cache of `max_rows` rows of `max_len`
-    positions, NumPy in and out. `ModelRunner` is the implementation; tests use stand-ins."""
-
-    max_rows: int
-    max_len: int
-
-    @property
-    def vocab_size(self) -> int: ...
-
-    def prefill(self, row: int, tokens: list[int] | np.ndarray, start: int, all_logits: bool = False) -> np.ndarray: ...
-
-    def prefill_many(self, chunks: list[PrefillChunk]) -> list[np.ndarray]: ...
-
-    def decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray: ...
-
-    def move_row(self, src: int, dst: int) -> None: ...
-
-    def close(self) -> None: ...
-
-
 def _group_by_length(chunks: list[PrefillChunk]) -> list[list[int]]:
     """Indices of `chunks` grouped so each group's padded size <= (1 + PAD_WASTE) x its tokens."""
     order = sorted(range(len(chunks)), key=lambda i: len(chunks[i].tokens))
@@ -85,25 +66,52 @@ def _group_by_length(chunks: list[PrefillChunk]) -> list[list[int]]:
     return groups
 
 
+@runtime_checkable
+class Runner(Protocol):
+    """What a serving engine drives: NumPy token ids in, float32 NumPy logits out."""
+
+    max_rows: int  # cache rows: sequences that can be held at once
+    max_len: int  # positions per row
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def prefill(self, row: int, tokens: list[int] | np.ndarray, start: int, all_logits: bool = False) -> np.ndarray:
+        """Write `tokens` into cache row `row` at positions start..; the last position's logits (V,), or all (T, V)."""
+        ...
+
+    def prefill_many(self, chunks: list[PrefillChunk]) -> list[np.ndarray]:
+        """Several rows' chunks at once; per chunk, in order, what `prefill` would return."""
+        ...
+
+    def decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One token for each of rows 0..B-1, token b at position positions[b]; (B, V) logits."""
+        ...
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row `src`'s cache into row `dst` (the caller then treats `src` as free)."""
+        ...
+
+    def close(self) -> None:
+        """Release per-thread resources; call from the thread that ran the runner, before it ends."""
+        ...
+
+
 # id(model) -> {context bucket: compiled decode step}. Keyed by the model so runners created
 # per call (`generate_tokens`) reuse the traced graphs; dropped when the model is collected.
-_COMPILED_DECODE_STEPS: dict[int, dict[int, callable]] = {}
-
-
-# The NumPy LM head serves calls of at least HOST_HEAD_MIN_ROWS rows, computed for a multiple of
-# HOST_HEAD_ROW_MULTIPLE rows (see ModelRunner._logits).
-HOST_HEAD_MIN_ROWS = 4
-HOST_HEAD_ROW_MULTIPLE = 8
+_COMPILED_DECODE_STEPS: dict[int, dict[int, Callable]] = {}
 
 
 def _decode_step_fn(model_ref: weakref.ref, context: int, tokens, positions, keys, values):
     model = model_ref()  # a weak reference: the compiled-step cache must not keep the model alive
     cache = KVCache.wrap(list(keys), list(values))
-    hidden = model.forward_cached(tokens, positions, cache, context)
+    hidden = model.hidden(tokens, CacheView.block(cache, positions, 1, context))
     return hidden[:, 0], cache.keys, cache.values
 
 
 class ModelRunner:
+    """A `Runner` over one `GPT` and one `KVCache` of `max_rows` rows."""
+
     def __init__(
         self,
         model: GPT,
@@ -116,36 +124,22 @@ class ModelRunner:
         self.max_rows = max_rows
         self.max_len = max_len or model.config.block_size
         self.cache = KVCache(model.config, rows=max_rows, max_len=self.max_len)
-        # The LM head as a (C, V) matrix (see GPT.inference_head), copied once: a runner serves
-        # fixed weights; build a new one after changing the model's. With `host_logits` (the
-        # default on the CPU) NumPy sees the same memory and computes most logits (`_logits`).
-        if host_logits is None:
-            host_logits = mx.default_device() == mx.cpu
-        self.head = model.inference_head().astype(mx.float32)
+        # The LM head as a row-contiguous (C, V) matrix, so logits are `hidden @ head`: the stored
+        # (V, C) layout makes the BLAS run a few rows as a transposed-B GEMM, measured slower
+        # (benchmarks/README.md). A copy made once: a runner serves fixed weights; build a new one
+        # after changing the model's. `host_logits` (the default on the CPU) computes the logits
+        # in NumPy on a view of it (cpu.ops.HostHead); otherwise on MLX's device.
+        self.head = mx.contiguous(model.head_weight().T).astype(mx.float32)
         mx.eval(self.head)
-        self.host_head: np.ndarray | None = np.asarray(self.head) if host_logits else None  # a view, no copy
+        if host_logits is None:
+            self.logits_head = ops.current().logits_head(self.head)
+        elif host_logits:
+            from nanogpt_mlx.model.cpu.ops import HostHead
+
+            self.logits_head = HostHead(self.head)
+        else:
+            self.logits_head = ops.DeviceHead(self.head)
         self.compile = compile
-
-    def _logits(self, hidden: mx.array) -> np.ndarray:
-        """(M, C) final hidden states -> (M, vocab) float32 NumPy logits.
-
-        On the CPU the LM head (M x 384 x 50,257, the largest matmul of a decode step) runs in
-        NumPy's OpenBLAS, which is far quicker at this shape than MKL inside MLX on the 2-core
-        AVX2 machine: 8 rows 7.7 against ~22-25 ms, 32 rows 20.7 against ~30 ms (its threads
-        sleep when idle, see backend._quiet_openblas). The logits have to come to the host
-        for sampling anyway; only the (M, C) hidden states cross now. Rows are padded to a
-        multiple of 8: OpenBLAS ran 4-7 rows single-threaded, 9-14 ms, against 6-8 ms padded.
-        Below 4 rows MLX's head is as fast alone and was faster inside a step (2 rows: 23 against
-        29 ms).
-        """
-        rows = hidden.shape[0]
-        if self.host_head is None or rows < HOST_HEAD_MIN_ROWS:
-            return np.array(hidden @ self.head, dtype=np.float32)
-        states = np.asarray(hidden, dtype=np.float32)
-        pad = -rows % HOST_HEAD_ROW_MULTIPLE
-        if pad:
-            states = np.concatenate([states, np.zeros((pad, states.shape[1]), dtype=np.float32)])
-        return (states @ self.host_head)[:rows]
 
     def _decode_step(self, context: int):
         """The decode step for one context bucket, compiled (MLX retraces it per batch size).
@@ -176,21 +170,17 @@ class ModelRunner:
 
         Returns the last position's logits (vocab,), or every position's (T, vocab) when
         `all_logits` (prompt logprobs / echo). Only computing the last position saves the
-        LM head over the whole chunk (~40% of a prefill's matmul time).
+        LM head over the whole chunk, a large share of a prefill's matmul work.
         """
         T = len(tokens)
         if T == 0:
             raise ValueError("prefill needs at least one token")
         if start + T > self.max_len:
             raise ValueError(f"positions {start}..{start + T - 1} exceed the cache length {self.max_len}")
-        hidden = self.model.forward_cached(
-            mx.array(np.asarray(tokens, dtype=np.int32)[None, :]),
-            mx.array([start], dtype=mx.int32),
-            self.cache,
-            None if start == 0 else context_for(start + T, self.max_len),
-            row_start=row,
-        )
-        logits = self._logits(hidden[0] if all_logits else hidden[0, -1:])
+        context = None if start == 0 else context_for(start + T, self.max_len)
+        view = CacheView.block(self.cache, mx.array([start], dtype=mx.int32), T, context, first_row=row)
+        hidden = self.model.hidden(mx.array(np.asarray(tokens, dtype=np.int32)[None, :]), view)
+        logits = self.logits_head(hidden[0] if all_logits else hidden[0, -1:])
         return logits if all_logits else logits[0]
 
     def prefill_many(self, chunks: list[PrefillChunk]) -> list[np.ndarray]:
@@ -200,10 +190,9 @@ class ModelRunner:
         what keeps time-to-first-token flat under load. Chunks are grouped by length so padding
         costs at most `PAD_WASTE` of the real work; pad tokens go to positions past each row's
         chunk, which the row overwrites before it ever attends to them (a group whose padding
-        would run past the cache is prefilled row by row instead). On the CPU a group's rows are
-        further split over the thread's CPU streams, one forward per stream at once with
-        single-threaded matmuls (see `_forward_parts`). Returns, per chunk in the given order,
-        what `prefill` would.
+        would run past the cache is prefilled row by row instead). A group's rows may be split
+        into parts that run side by side (`_forward_parts`; on the CPU one per CPU stream).
+        Returns, per chunk in the given order, what `prefill` would.
         """
         results: list[np.ndarray | None] = [None] * len(chunks)
         for group in _group_by_length(chunks):
@@ -222,32 +211,24 @@ class ModelRunner:
         return max(c.start for c in group) + longest > self.max_len
 
     def _forward_parts(self, group: list[PrefillChunk]) -> list[np.ndarray]:
-        """One batched prefill forward of `group`, its rows split into parts over CPU streams.
+        """One batched prefill forward of `group` (sorted by length), in the parts `ops.prefill_parts` gives.
 
-        MLX runs a stream's ops one at a time, and only the matmuls of a forward use both cores;
-        with the rows in two parts on two streams and the BLAS held to one thread per call, every
-        op (LayerNorm, softmax, GELU, the per-head matmuls) has a core of its own: a 32 x 41-token
-        prefill took 0.84 of the time on the 2-core AVX2 machine. Each part is padded only to its
-        own longest chunk (the group is sorted by length).
+        Each part is padded only to its own longest chunk. The parts are evaluated together, and
+        the cache writes after them: evaluated in one go with the parts, each part's writes
+        chain after the other's (they update the same arrays) and hold the parts back.
         """
-        parallel = cpu_streams.streams()
-        n_parts = min(len(parallel), len(group)) if parallel else 1
-        parts = [group[lo:hi] for lo, hi in cpu_streams.split_ranges(len(group), n_parts)]
+        o = ops.current()
         lazy = []
-        for p, part in enumerate(parts):
-            with mx.stream(parallel[p]) if n_parts > 1 else contextlib.nullcontext():
-                lazy.append(self._forward_part(part))
-        with backend.single_threaded_blas() if n_parts > 1 else contextlib.nullcontext():
-            mx.eval([last for _, last in lazy])
-        # The cache writes after the parts: evaluated together with them (each part's writes
-        # chained after the other part's, as they update the same arrays) they held the parts
-        # back: 1.35-1.40x the time of one stream instead of 0.84x.
+        for lo, hi, where in o.prefill_parts(len(group)):
+            with where:
+                lazy.append((group[lo:hi], *self._forward_part(group[lo:hi])))
+        o.eval_parts([last for _, _, last in lazy])
         mx.eval(self.cache.state())
-        last_logits = self._logits(mx.concatenate([last for _, last in lazy]))
+        last_logits = self.logits_head(mx.concatenate([last for _, _, last in lazy]))
         results = []
-        for part, (hidden, _) in zip(parts, lazy):
+        for part, hidden, _ in lazy:
             for b, c in enumerate(part):
-                results.append(self._logits(hidden[b, : len(c.tokens)]) if c.all_logits else last_logits[len(results)])
+                results.append(self.logits_head(hidden[b, : len(c.tokens)]) if c.all_logits else last_logits[len(results)])
         return results
 
     def _forward_part(self, part: list[PrefillChunk]) -> tuple[mx.array, mx.array]:
@@ -258,13 +239,9 @@ class ModelRunner:
             tokens[b, : len(c.tokens)] = c.tokens
         starts = np.array([c.start for c in part], dtype=np.int32)
         fresh = not starts.any()  # all prompts start at 0: attention stays inside the chunk
-        hidden = self.model.forward_cached(
-            mx.array(tokens),
-            mx.array(starts),
-            self.cache,
-            None if fresh else context_for(int(starts.max()) + T, self.max_len),
-            rows=mx.array([c.row for c in part], dtype=mx.int32),
-        )
+        context = None if fresh else context_for(int(starts.max()) + T, self.max_len)
+        view = CacheView.rows(self.cache, [c.row for c in part], mx.array(starts), T, context)
+        hidden = self.model.hidden(mx.array(tokens), view)
         last = mx.array([len(c.tokens) - 1 for c in part])
         return hidden, hidden[mx.arange(len(part)), last]
 
@@ -283,7 +260,7 @@ class ModelRunner:
             self.cache.keys,
             self.cache.values,
         )
-        return self._logits(hidden)
+        return self.logits_head(hidden)
 
     def move_row(self, src: int, dst: int) -> None:
         """Copy row `src`'s cache into row `dst` (the caller then treats `src` as free)."""
@@ -300,4 +277,4 @@ class ModelRunner:
         """
         if hasattr(mx, "clear_streams"):
             mx.clear_streams()
-        cpu_streams.release()
+        cpu_streams.release()  # forget this thread's CPU streams (any device: plain Python state)

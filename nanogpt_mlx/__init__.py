@@ -2,10 +2,11 @@
 
 The folders `model/`, `server/`, `training/` and `benchmarks/` are installed as
 `nanogpt_mlx.model`, `nanogpt_mlx.server`, ... (see pyproject.toml). Importing any of them runs
-this file first, which prepares the process (optimized BLAS, FTZ/DAZ, malloc) before MLX loads.
+this file first, which does what must happen before `mlx.core` loads: an optimized BLAS, quiet
+BLAS threads, FTZ/DAZ (model/cpu/runtime.py; the exact list is in model/cpu/README.md).
 """
 
-from nanogpt_mlx.model.backend import prepare_runtime
+from nanogpt_mlx.model.cpu.runtime import prepare_runtime
 
 __version__ = "0.1.0"
 

@@ -121,14 +121,15 @@ class ServerContext:
 
     def _load_runner(self, rows: int):
         """Runs on the engine thread: every MLX object lives on that thread."""
-        from nanogpt_mlx.model import backend
         from nanogpt_mlx.model.checkpoint import load_model
+        from nanogpt_mlx.model.cpu.runtime import REPORT
+        from nanogpt_mlx.model.device import select_device
         from nanogpt_mlx.model.runner import ModelRunner
 
-        device = backend.select_device(self.settings.device)
+        device = select_device(self.settings.device)
         started = time.perf_counter()
         model = load_model(self.model_dir)
-        log.info("loaded %s on %s (%s) in %.1f s", self.model_dir, device, backend.REPORT.blas_name, time.perf_counter() - started)
+        log.info("loaded %s on %s (%s) in %.1f s", self.model_dir, device, REPORT.blas_name, time.perf_counter() - started)
         return ModelRunner(model, max_rows=rows, max_len=self.max_len)
 
     async def drain(self, timeout: float) -> None:

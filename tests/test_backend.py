@@ -1,7 +1,8 @@
-"""The fast CPU runtime (issue 3, item 6), checked deterministically, never by timing.
+"""The fast CPU runtime (model/cpu/: runtime.py, blas.py), checked deterministically, never by timing.
 
 Each check runs in a fresh subprocess, because what `prepare_runtime` does depends on what the
-process imported first.
+process imported first. `import nanogpt_mlx` only loads the BLAS, quiets BLAS threads and sets
+FTZ/DAZ; malloc and the JIT wrapper wait until the model first computes on the CPU.
 """
 
 from __future__ import annotations
@@ -16,34 +17,43 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import cli_env
-from nanogpt_mlx.model import backend
+
+from nanogpt_mlx.model.cpu import blas, runtime
 
 LINUX_X86 = sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
 # MKL is a dependency on Linux x86-64, so there its absence is a failure, not a reason to skip.
 needs_mkl = pytest.mark.skipif(not LINUX_X86, reason="MKL from PyPI is only installed on Linux x86-64")
 
-# Imports the package, runs a matmul, then reports what is mapped and what prepare_runtime did.
+# Imports the package, runs a matmul, then reports what is mapped and what prepare_runtime did;
+# then asks for the CPU's ops (what the model does first) and reports what that changed.
 PROBE = r"""
 import json, os, sys, warnings
 warnings.simplefilter("always")
 {before}
+path_before = os.environ["PATH"]
 import nanogpt_mlx
 import mlx.core as mx
 import numpy as np
-from nanogpt_mlx.model import backend
+from nanogpt_mlx.model.cpu import blas, runtime
 a = mx.random.normal((256, 256))
 mx.eval(a @ a)
 with open("/proc/self/maps") as f:
     mapped = sorted({{line.split()[-1] for line in f if len(line.split()) >= 6}})
-r = backend.REPORT
+r = runtime.REPORT
+cache = os.environ.get("XDG_CACHE_HOME")
+at_import = {{
+    "path_unchanged": os.environ["PATH"] == path_before, "malloc_tuned": r.malloc_tuned,
+    "jit": r.jit_march_native, "cache_files": sorted(os.listdir(cache)) if cache and os.path.isdir(cache) else [],
+}}
+from nanogpt_mlx.model import ops
+ops.current()
 print(json.dumps({{
-    "mapped": mapped,
+    "mapped": mapped, "at_import": at_import,
     "blas_name": r.blas_name, "blas_path": r.blas_path, "ftz_daz": r.ftz_daz,
     "malloc_tuned": r.malloc_tuned, "jit": r.jit_march_native, "notes": r.notes,
-    "loaded_blas": backend.loaded_blas_libraries(),
-    "threads": backend.blas_threads(),
+    "loaded_blas": blas.loaded_libraries(),
+    "threads": blas.threads(),
     "blas_one_row_path": r.blas_one_row_path,
     "numpy_denormal": float(np.float32(1e-38) * np.float32(1e-3)),
     "mlx_denormal": (mx.array([1e-38]) * 1e-3).item(),
@@ -74,8 +84,9 @@ def mkl_mapped(mapped: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def default_probe():
-    env = {k: v for k, v in os.environ.items() if k not in ("NANOGPT_MLX_NO_BLAS", "OPENBLAS_THREAD_TIMEOUT")}
+def default_probe(tmp_path_factory):
+    env = {k: v for k, v in os.environ.items() if k not in ("NANOGPT_MLX_NO_BLAS", "NANOGPT_MLX_BLAS", "OPENBLAS_THREAD_TIMEOUT")}
+    env["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))  # to see what is written, and when
     proc = subprocess.run(
         [sys.executable, "-c", PROBE.format(before="")],
         capture_output=True, text=True, env=env, timeout=120, stdin=subprocess.DEVNULL,
@@ -89,23 +100,28 @@ def debian_openblas_mapped(mapped: list[str]) -> list[str]:
 
 
 def installed_openblas() -> str | None:
-    return next((p for p in backend.OPENBLAS_PATHS if os.path.exists(p)), None)
+    return next((p for p in blas.OPENBLAS_PATHS if os.path.exists(p)), None)
 
 
 def dispatch_mapped(mapped: list[str]) -> list[str]:
-    return [p for p in mapped if os.path.basename(p).startswith("libnanogpt_blas_dispatch-")]
+    return [p for p in mapped if os.path.basename(p).startswith("_blas_dispatch.")]
+
+
+# The dispatch library is built by `pip install` (setup.py) wherever a C compiler is: with one
+# here, a missing library is a failed install, not a reason to skip.
+dispatch_expected = installed_openblas() is not None and (blas.dispatch_library() is not None or shutil.which("cc") is not None)
 
 
 @needs_mkl
 def test_default_blas_follows_the_cpu_vendor(default_probe):
     """On AMD CPUs OpenBLAS with MKL for 1-row products when Debian's OpenBLAS is installed
-    (.ci/run installs it) and a C compiler builds the dispatch; on Intel CPUs MKL."""
+    (.ci/run installs it) and the dispatch library was built at install; on Intel CPUs MKL."""
     report, stderr = default_probe
-    if backend.cpu_vendor() == "AuthenticAMD" and installed_openblas() and shutil.which("cc"):
+    if blas.cpu_vendor() == "AuthenticAMD" and dispatch_expected:
         assert report["blas_name"] == "openblas+mkl" and report["blas_path"] == installed_openblas()
         assert "libmkl_rt.so" in report["blas_one_row_path"]
         assert debian_openblas_mapped(report["mapped"]) and mkl_mapped(report["mapped"])
-        assert dispatch_mapped(report["mapped"])
+        assert dispatch_mapped(report["mapped"]) == [blas.dispatch_library()]
     else:
         assert report["blas_name"] == "mkl" and "libmkl_rt.so" in report["blas_path"]
         assert debian_openblas_mapped(report["mapped"]) == [] and dispatch_mapped(report["mapped"]) == []
@@ -118,33 +134,33 @@ import json
 import nanogpt_mlx
 import mlx.core as mx
 import numpy as np
-from nanogpt_mlx.model import backend
+from nanogpt_mlx.model.cpu import blas, runtime
 rng = np.random.default_rng(0)
 w = rng.standard_normal((384, 1000)).astype(np.float32)
-counts = [backend.dispatch_calls()]
+counts = [blas.dispatch_calls()]
 errors = []
 for rows in (1, 1, 32, 2):
     x = rng.standard_normal((rows, 384)).astype(np.float32)
     errors.append(float(np.abs(np.array(mx.array(x) @ mx.array(w)) - x @ w).max()))
-    counts.append(backend.dispatch_calls())
-with backend.single_threaded_blas() as limited:
-    inside = backend._thread_counts()
-print(json.dumps({"name": backend.REPORT.blas_name, "counts": counts, "errors": errors,
-                  "limited": limited, "inside": inside, "after": backend._thread_counts()}))
+    counts.append(blas.dispatch_calls())
+with blas.single_threaded() as limited:
+    inside = blas.thread_counts()
+print(json.dumps({"name": runtime.REPORT.blas_name, "counts": counts, "errors": errors,
+                  "limited": limited, "inside": inside, "after": blas.thread_counts()}))
 """
 
 
 @needs_mkl
-@pytest.mark.skipif(installed_openblas() is None or shutil.which("cc") is None,
-                    reason="needs Debian's libopenblas0-pthread (.ci/run installs it) and a C compiler")
+@pytest.mark.skipif(not dispatch_expected, reason="needs Debian's libopenblas0-pthread (.ci/run installs it) and a C compiler at install")
 def test_openblas_plus_mkl_sends_one_row_products_to_mkl(tmp_path):
-    env = cli_env(NANOGPT_MLX_BLAS="openblas+mkl", XDG_CACHE_HOME=str(tmp_path))  # built afresh here
+    assert blas.dispatch_library(), "the dispatch library was not built: reinstall (pip install -e .) with a C compiler"
+    env = cli_env(NANOGPT_MLX_BLAS="openblas+mkl", XDG_CACHE_HOME=str(tmp_path))
     proc = subprocess.run([sys.executable, "-c", DISPATCH_PROBE], capture_output=True, text=True,
                           env=env, timeout=120, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["name"] == "openblas+mkl"
-    assert list(tmp_path.glob("nanogpt-mlx/blas-dispatch/libnanogpt_blas_dispatch-*.so"))
+    assert list(tmp_path.iterdir()) == []  # nothing compiled or cached at import
     # each product went to exactly one side: 1 row to MKL, 32 and 2 rows to OpenBLAS
     deltas = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(r["counts"], r["counts"][1:])]
     assert deltas == [(1, 0), (1, 0), (0, 1), (0, 1)], r["counts"]
@@ -155,14 +171,23 @@ def test_openblas_plus_mkl_sends_one_row_products_to_mkl(tmp_path):
         assert r["after"] != r["inside"]  # restored
 
 
+# Hides the installed dispatch library, as if `pip install` had found no C compiler.
+HIDE_DISPATCH = r"""
+class HideDispatch:
+    def find_spec(self, name, path=None, target=None):
+        if name.endswith("._blas_dispatch"):
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, HideDispatch())
+"""
+
+
 @needs_mkl
 @pytest.mark.skipif(installed_openblas() is None, reason="needs Debian's libopenblas0-pthread (.ci/run installs it)")
-def test_openblas_plus_mkl_without_a_compiler_loads_openblas_alone(tmp_path):
-    empty_bin = tmp_path / "bin"
-    empty_bin.mkdir()
-    report, stderr = probe(NANOGPT_MLX_BLAS="openblas+mkl", XDG_CACHE_HOME=str(tmp_path), PATH=str(empty_bin))
+def test_openblas_plus_mkl_without_its_dispatch_library_loads_openblas_alone(tmp_path):
+    report, stderr = probe(before=HIDE_DISPATCH, NANOGPT_MLX_BLAS="openblas+mkl", XDG_CACHE_HOME=str(tmp_path))
     assert report["blas_name"] == "openblas" and dispatch_mapped(report["mapped"]) == []
-    assert any("needs a C compiler" in n for n in report["notes"])
+    assert debian_openblas_mapped(report["mapped"]) and mkl_mapped(report["mapped"]) == []
+    assert any("needs its dispatch library" in n for n in report["notes"])
     assert "no optimized BLAS" not in stderr
 
 
@@ -214,14 +239,17 @@ def test_flush_to_zero_is_on(default_probe):
     assert report["ftz_daz"] is True
     # a product that would be denormal comes out as zero, in NumPy and in MLX
     assert report["numpy_denormal"] == 0.0 and report["mlx_denormal"] == 0.0
-    plain = subprocess.run([sys.executable, "-c", "import numpy as np; print(float(np.float32(1e-38) * np.float32(1e-3)))"], capture_output=True, text=True)
+    product = "import numpy as np; print(float(np.float32(1e-38) * np.float32(1e-3)))"
+    plain = subprocess.run([sys.executable, "-c", product], capture_output=True, text=True)
     assert float(plain.stdout) != 0.0  # without nanogpt_mlx the same product is a denormal
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc / g++ JIT are Linux-only")
-def test_malloc_and_jit_wrapper(default_probe):
+def test_malloc_and_jit_wrapper_wait_for_cpu_compute(default_probe):
     report, _ = default_probe
-    assert report["malloc_tuned"] is True
+    at_import = report["at_import"]
+    assert at_import == {"path_unchanged": True, "malloc_tuned": False, "jit": False, "cache_files": []}
+    assert report["malloc_tuned"] is True  # once the CPU's ops were asked for
     if report["jit"]:
         wrapper = Path(report["path0"]) / "g++"
         text = wrapper.read_text()
@@ -237,52 +265,54 @@ def test_numpy_blas_threads_are_told_to_sleep_when_idle(default_probe):
     if not sys.platform.startswith("linux"):
         pytest.skip("set on Linux only")
     assert report["numpy_blas_quiet"] is True
-    assert report["openblas_thread_timeout"] == backend.OPENBLAS_THREAD_TIMEOUT
+    assert report["openblas_thread_timeout"] == runtime.OPENBLAS_THREAD_TIMEOUT
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="set on Linux only")
 def test_numpy_imported_first_keeps_its_blas_threads_and_says_so():
     report, _ = probe(before="import numpy")
     assert report["numpy_blas_quiet"] is False  # too late for NumPy's, in time for MLX's OpenBLAS
-    assert report["openblas_thread_timeout"] == backend.OPENBLAS_THREAD_TIMEOUT
+    assert report["openblas_thread_timeout"] == runtime.OPENBLAS_THREAD_TIMEOUT
     assert any("numpy was imported before nanogpt_mlx" in n for n in report["notes"])
 
 
 def test_select_device():
-    from nanogpt_mlx.model import backend
-
     import mlx.core as mx
 
-    assert backend.select_device("cpu") == "cpu"
+    from nanogpt_mlx.model.device import select_device
+
+    assert select_device("cpu") == "cpu"
     with pytest.raises(ValueError):
-        backend.select_device("tpu")
+        select_device("tpu")
     has_gpu = mx.is_available(mx.gpu)
     if not has_gpu:
         with pytest.raises(RuntimeError, match="no Metal or CUDA"):
-            backend.select_device("gpu")
-    assert backend.select_device("auto") == ("gpu" if has_gpu else "cpu")
+            select_device("gpu")
+    assert select_device("auto") == ("gpu" if has_gpu else "cpu")
     mx.set_default_device(mx.cpu)
 
 
-def test_prepare_runtime_is_idempotent():
-    from nanogpt_mlx.model import backend
-
-    assert backend.prepare_runtime() is backend.REPORT
-    assert backend.prepare_runtime() is backend.REPORT
+def test_prepare_runtime_and_prepare_compute_are_idempotent():
+    assert runtime.prepare_runtime() is runtime.REPORT
+    assert runtime.prepare_runtime() is runtime.REPORT
+    assert runtime.prepare_compute() is runtime.REPORT and runtime.REPORT.compute_prepared
+    path = os.environ["PATH"]
+    assert runtime.prepare_compute() is runtime.REPORT
+    assert os.environ["PATH"] == path  # the JIT wrapper goes on PATH once
 
 
 @needs_mkl
 def test_single_threaded_blas_holds_the_blas_to_one_thread_and_restores_it():
     """In this process, whichever BLAS was chosen (MKL or OpenBLAS)."""
-    before = backend.blas_threads()
-    assert before is not None, backend.REPORT
-    with backend.single_threaded_blas() as limited:
-        assert limited and backend.blas_threads() == 1
-    assert backend.blas_threads() == before
+    before = blas.threads()
+    assert before is not None, runtime.REPORT
+    with blas.single_threaded() as limited:
+        assert limited and blas.threads() == 1
+    assert blas.threads() == before
     with pytest.raises(KeyError):
-        with backend.single_threaded_blas():
+        with blas.single_threaded():
             raise KeyError("restored on errors too")
-    assert backend.blas_threads() == before
+    assert blas.threads() == before
 
 
 @needs_mkl
@@ -305,3 +335,14 @@ def test_info_without_blas(run_cli):
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"^blas: reference", proc.stdout, re.M), proc.stdout
     assert "GFLOP/s" in proc.stdout
+
+
+def test_importing_the_package_loads_neither_mlx_nor_numpy(tmp_path):
+    """`import nanogpt_mlx` must run before `mlx.core` loads, so it cannot load it itself; and it
+    compiles and writes nothing (model/cpu/README.md lists what it does)."""
+    code = "import sys, nanogpt_mlx; print(sorted(m for m in ('mlx.core', 'numpy') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=cli_env(XDG_CACHE_HOME=str(tmp_path)), stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    assert list(tmp_path.iterdir()) == []

@@ -1,4 +1,4 @@
-"""The written-out softmax / cross-entropy / GELU (model/fast_ops.py) against MLX's own ops.
+"""The written-out softmax / cross-entropy / GELU (model/cpu/fast_ops.py) against MLX's own ops.
 
 Values and gradients must agree, eagerly and under `mx.compile` (where the training step runs
 them), including masked (-inf) attention scores; switching fast ops off must give MLX's ops.
@@ -13,7 +13,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from nanogpt_mlx.model import fast_ops
+from nanogpt_mlx.model.cpu import fast_ops
 
 
 @pytest.fixture

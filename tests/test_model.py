@@ -3,7 +3,7 @@
 (a) our logits == transformers GPT2LMHeadModel loaded from the same directory (full shape, untied
     and tied), max abs difference <= 1e-4;
 (b) incremental decode through the KV cache == recomputing the whole sequence;
-(c) a batch of rows at different lengths == each row alone (forward_cached and ModelRunner.decode);
+(c) a batch of rows at different lengths == each row alone (GPT.hidden with a CacheView, and ModelRunner.decode);
 (d) parameter counts 52,990,464 (separate head) and 33,691,776 (tied).
 """
 
@@ -16,8 +16,9 @@ import pytest
 from nanogpt_mlx.model.checkpoint import load_model, save_checkpoint
 from nanogpt_mlx.model.config import ModelConfig
 from nanogpt_mlx.model.generate import generate_tokens
-from nanogpt_mlx.model.gpt import GPT, KVCache
-from nanogpt_mlx.model.runner import ModelRunner, PrefillChunk, _group_by_length, context_for
+from nanogpt_mlx.model.gpt import GPT
+from nanogpt_mlx.model.kv_cache import CacheView, KVCache
+from nanogpt_mlx.model.runner import ModelRunner, PrefillChunk, Runner, _group_by_length, context_for
 from nanogpt_mlx.model.sampling import SamplingParams
 
 HF_TOLERANCE = 1e-4
@@ -110,7 +111,7 @@ def test_the_hf_comparison_can_fail(full_checkpoint):
 
 
 def test_cached_prefill_matches_transformers(full_checkpoint):
-    """The serving path (forward_cached + last-position logits) agrees with transformers too."""
+    """The serving path (the cache + last-position logits) agrees with transformers too."""
     toks = tokens(12, (1, 200))
     ref, _ = hf_logits(full_checkpoint, toks)
     model = load_model(full_checkpoint)
@@ -129,11 +130,11 @@ def test_incremental_decode_matches_recompute(which, random_model, tiny_config, 
     prompt_len = 50
     reference = full_logits(model, seq)
     cache = KVCache(model.config, rows=1)
-    hidden = model.forward_cached(mx.array([seq[:prompt_len]]), mx.array([0]), cache, context_for(prompt_len, block))
+    hidden = model.hidden(mx.array([seq[:prompt_len]]), CacheView.block(cache, mx.array([0]), prompt_len, context_for(prompt_len, block)))
     prefill = np.array(model.logits(hidden))[0]
     assert np.abs(prefill - reference[:prompt_len]).max() <= tol  # every prefill position, not just the last
     for pos in range(prompt_len, len(seq)):  # crosses the 64-column context bucket boundary
-        hidden = model.forward_cached(mx.array([[seq[pos]]]), mx.array([pos]), cache, context_for(pos + 1, block))
+        hidden = model.hidden(mx.array([[seq[pos]]]), CacheView.block(cache, mx.array([pos]), 1, context_for(pos + 1, block)))
         step = np.array(model.logits(hidden[:, -1]))[0]
         assert np.abs(step - reference[pos]).max() <= tol, f"position {pos}"
 
@@ -145,7 +146,7 @@ def test_chunked_prefill_matches_recompute(random_model, tiny_config):
     cache = KVCache(model.config, rows=1)
     outs = []
     for begin, end in [(0, 7), (7, 64), (64, 65), (65, 100)]:
-        hidden = model.forward_cached(mx.array([seq[begin:end]]), mx.array([begin]), cache, context_for(end, 128))
+        hidden = model.hidden(mx.array([seq[begin:end]]), CacheView.block(cache, mx.array([begin]), end - begin, context_for(end, 128)))
         outs.append(np.array(model.logits(hidden))[0])
     assert np.abs(np.concatenate(outs) - reference).max() <= 1e-5
 
@@ -171,20 +172,20 @@ def test_sequence_longer_than_context_is_rejected(random_model, tiny_config):
 
 
 # --- (c) batched rows at different lengths == each row alone ------------------------------------------
-def test_forward_cached_batch_of_different_lengths(random_model, tiny_config):
+def test_cached_forward_batch_of_different_lengths(random_model, tiny_config):
     model = random_model(tiny_config, seed=7)
     lengths = [3, 30, 70, 1]
     seqs = [tokens(20 + i, (n + 5,)).tolist() for i, n in enumerate(lengths)]
     cache = KVCache(model.config, rows=len(seqs))
-    # prefill each row on its own into its cache row (row_start)
+    # prefill each row on its own into its cache row (first_row)
     for row, (seq, n) in enumerate(zip(seqs, lengths)):
-        model.forward_cached(mx.array([seq[:n]]), mx.array([0]), cache, context_for(n, 128), row_start=row)
+        model.hidden(mx.array([seq[:n]]), CacheView.block(cache, mx.array([0]), n, context_for(n, 128), first_row=row))
     # then all rows advance together: first by 3 tokens each, then by 1, each at its own position
     for step_len in (3, 1, 1):
         starts = np.array(lengths)
         batch = np.array([seq[s : s + step_len] for seq, s in zip(seqs, starts)], dtype=np.int32)
         context = context_for(int(starts.max()) + step_len, 128)
-        hidden = model.forward_cached(mx.array(batch), mx.array(starts.astype(np.int32)), cache, context)
+        hidden = model.hidden(mx.array(batch), CacheView.block(cache, mx.array(starts.astype(np.int32)), step_len, context))
         batched = np.array(model.logits(hidden))
         for row, seq in enumerate(seqs):
             alone = full_logits(model, seq[: starts[row] + step_len])[starts[row] :]
@@ -299,6 +300,7 @@ def test_prefill_all_logits_and_continuation(random_model, tiny_config):
 
 def test_runner_rejects_bad_requests(random_model, tiny_config):
     runner = ModelRunner(random_model(tiny_config), max_rows=2)
+    assert isinstance(runner, Runner) and (runner.max_rows, runner.max_len, runner.vocab_size) == (2, 128, tiny_config.vocab_size)
     with pytest.raises(ValueError):
         runner.prefill(0, [], start=0)
     with pytest.raises(ValueError):
@@ -353,15 +355,16 @@ def test_loaded_model_is_in_inference_mode(tmp_path, random_model, tiny_config):
 def test_wide_decode_split_over_cpu_streams_equals_one_stream(random_model, tiny_config, monkeypatch):
     """20 rows decode with their attention heads split over this thread's CPU streams; the
     logits equal the one-stream step (uncompiled, so it reads the switch) and each row's full forward."""
-    from nanogpt_mlx.model import cpu_streams, gpt
+    from nanogpt_mlx.model import ops
+    from nanogpt_mlx.model.cpu import ops as cpu_ops
+    from nanogpt_mlx.model.cpu import streams as cpu_streams
 
     monkeypatch.setattr(cpu_streams.os, "cpu_count", lambda: 2)  # split even on a 1-core machine
     head_groups = []
-    original = gpt.CausalSelfAttention._attend_heads
-    monkeypatch.setattr(gpt.CausalSelfAttention, "_attend_heads",
-                        lambda self, q, k, v, mask: (head_groups.append(q.shape[1]), original(self, q, k, v, mask))[1])
+    original = ops.Ops.attention
+    monkeypatch.setattr(ops.Ops, "attention", lambda self, q, *rest: (head_groups.append(q.shape[1]), original(self, q, *rest))[1])
     model = random_model(tiny_config, seed=11)
-    rows = max(gpt.SPLIT_MIN_ROWS, 20)
+    rows = max(cpu_ops.SPLIT_MIN_ROWS, 20)
     prompts = [tokens(60 + r, (3 + 5 * r,)).tolist() for r in range(rows)]
     positions = np.array([len(p) for p in prompts])
     outputs = {}
@@ -388,11 +391,12 @@ def test_a_model_decodes_on_a_second_thread_after_the_first_traced_it(random_mod
     `close` forgets that thread's streams."""
     import threading
 
-    from nanogpt_mlx.model import cpu_streams, gpt
+    from nanogpt_mlx.model.cpu import ops as cpu_ops
+    from nanogpt_mlx.model.cpu import streams as cpu_streams
 
     monkeypatch.setattr(cpu_streams.os, "cpu_count", lambda: 2)
     model = random_model(tiny_config, seed=12)
-    rows = gpt.SPLIT_MIN_ROWS
+    rows = cpu_ops.SPLIT_MIN_ROWS
     prompts = [tokens(80 + r, (4 + r,)).tolist() for r in range(rows)]
     positions = np.array([len(p) for p in prompts])
 
@@ -424,7 +428,8 @@ def test_batched_prefill_split_over_cpu_streams_equals_one_stream(random_model, 
     """A batched prefill runs its rows in parts on separate CPU streams (MKL on one thread each):
     the logits and the cache it leaves equal the one-stream prefill, and MKL's threads are
     restored afterwards."""
-    from nanogpt_mlx.model import backend, cpu_streams
+    from nanogpt_mlx.model.cpu import blas
+    from nanogpt_mlx.model.cpu import streams as cpu_streams
     from nanogpt_mlx.model.runner import ModelRunner as Runner
 
     monkeypatch.setattr(cpu_streams.os, "cpu_count", lambda: 2)
@@ -434,7 +439,7 @@ def test_batched_prefill_split_over_cpu_streams_equals_one_stream(random_model, 
     model = random_model(tiny_config, seed=13)
     prompts = [tokens(90 + r, (20 + r % 3,)).tolist() for r in range(7)]
     chunks = [PrefillChunk(r, p, 0, all_logits=(r == 5)) for r, p in enumerate(prompts)]
-    threads_before = backend.blas_threads()
+    threads_before = blas.threads()
     results = {}
     for split in (True, False):
         cpu_streams.set_enabled(split)
@@ -447,7 +452,7 @@ def test_batched_prefill_split_over_cpu_streams_equals_one_stream(random_model, 
         finally:
             cpu_streams.set_enabled(True)
     assert results[True][2] == [3, 4] and results[False][2] == [7]  # two parts of one group / one forward
-    assert backend.blas_threads() == threads_before
+    assert blas.threads() == threads_before
     for a, b in zip(results[True][0], results[False][0]):
         assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5
     assert results[True][0][5].shape == (len(prompts[5]), tiny_config.vocab_size)  # all positions for logprobs
@@ -460,9 +465,11 @@ def test_logits_on_the_host_equal_the_device_head(random_model, tiny_config):
     """On the CPU the runner computes logits in NumPy (padded to 8 rows from 4 rows on) by
     default; decode and batched prefill, with and without all logits, give the device head's."""
     model = random_model(tiny_config, seed=21)
+    from nanogpt_mlx.model.cpu.ops import HostHead
+
     host, device = ModelRunner(model, max_rows=13), ModelRunner(model, max_rows=13, host_logits=False)
-    assert host.host_head is not None and device.host_head is None
-    assert np.shares_memory(host.host_head, np.asarray(host.head))  # a view of the MLX head, no copy
+    assert isinstance(host.logits_head, HostHead) and not isinstance(device.logits_head, HostHead)
+    assert np.shares_memory(host.logits_head.matrix, np.asarray(host.head))  # a view of the MLX head, no copy
     prompts = [tokens(80 + i, (4 + 3 * i,)).tolist() for i in range(13)]
     chunks = [PrefillChunk(row, p, all_logits=(row == 5)) for row, p in enumerate(prompts)]
     for h, d in zip(host.prefill_many(chunks), device.prefill_many(chunks)):

@@ -1,15 +1,15 @@
 """Losses for training, evaluation and distillation.
 
 All take logits (B, T, V) and return a scalar mean over the B*T positions. The cross-entropy and
-log-softmax are the model's CPU fast ops (written out for MLX's CPU JIT, with a hand-written
-gradient); this module adds the distillation terms.
+log-softmax are the model's (model/ops.py: on the CPU written out for MLX's JIT, with a
+hand-written gradient); this module adds the distillation terms.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-from nanogpt_mlx.model.fast_ops import cross_entropy, log_softmax, token_cross_entropy
+from nanogpt_mlx.model.ops import cross_entropy, log_softmax, token_cross_entropy
 
 __all__ = ["cross_entropy", "token_cross_entropy", "distill_kl_full", "distill_kl_topk", "distillation_loss"]
 

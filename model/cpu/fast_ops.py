@@ -1,21 +1,20 @@
 """Softmax, cross-entropy and GELU written out for MLX's CPU JIT, with their gradients.
 
-On CPU, MLX's primitive `exp` (inside `mx.softmax`, `mx.logsumexp`, ...) is scalar and
-single-threaded: ~75-120 M elements/s. The same max / exp / sum written out as separate ops and
-traced by `mx.compile` becomes one JIT-fused, vectorized kernel several times faster (a
-4x8x512x512 attention softmax: 79 ms -> 28 ms CPU time; the cross-entropy over 50,257 logits of
-8x256 positions, forward + backward: ~2.2 s -> ~0.7 s). Autodiff through the written-out forms
-would keep extra (N, V) temporaries alive, so each function is an `mx.custom_function` whose
-backward pass is one fused kernel as well:
+On CPU, MLX's primitive `exp` (inside `mx.softmax`, `mx.logsumexp`, ...) and `erf` are scalar and
+single-threaded. The same max / exp / sum written out as separate ops and traced by `mx.compile`
+becomes one JIT-fused, vectorized kernel several times faster (attention softmax, the
+cross-entropy over 50,257 logits, the MLP's GELU; measured in benchmarks/README.md). Autodiff
+through the written-out forms would keep extra (N, V) temporaries alive, so each function is an
+`mx.custom_function` whose backward pass is one fused kernel as well:
 
 - `softmax(x)` over the last axis: backward y * (g - sum(g * y));
 - `cross_entropy(logits, targets)`: backward softmax - onehot, from the forward's saved exps;
 - `gelu(x)`, exact erf form with erf as a rational function (Phi within 5e-7 of libm's), written
   so the JIT vectorizes it: backward Phi(x) + x phi(x).
 
-On a GPU (Metal, CUDA) MLX's native kernels are fast and `use_fast_ops()` is False: callers get
-`mx.softmax`, `nn.losses.cross_entropy` and `nn.gelu`. Benchmarks switch the written-out forms
-off with `set_fast_ops(False)` to compare side by side (benchmarks/fast_ops.py).
+They are what the CPU ops (ops.py) use. On a GPU (Metal, CUDA) MLX's native kernels are fast and
+the portable ops (model/ops.py) use those. `set_fast_ops(False)` makes these functions fall back
+to MLX's ops, so benchmarks can compare side by side (benchmarks/fast_ops.py).
 """
 
 from __future__ import annotations
@@ -68,7 +67,7 @@ def softmax(x: mx.array) -> mx.array:
 
 
 def log_softmax(x: mx.array) -> mx.array:
-    """x - logsumexp(x) over the last axis, written out (plain autodiff; used for distillation)."""
+    """x - logsumexp(x) over the last axis, written out (plain autodiff; distillation uses it)."""
     m = mx.stop_gradient(x.max(axis=-1, keepdims=True))
     return x - (m + mx.log(mx.exp(x - m).sum(axis=-1, keepdims=True)))
 
@@ -79,8 +78,7 @@ def _cross_entropy_rows(logits: mx.array, targets: mx.array):
     """(N, V) logits, (N,) targets -> (per-row loss, exp(logits - max) (N, V), 1 / row sums (N, 1)).
 
     The exponentials are an output so that the backward pass reuses them instead of computing
-    N x 50,257 scalar exps again: forward + backward over 4,096 rows went 3.6-3.8 s -> 2.8-2.9 s
-    on the AVX2 machine, with the same peak memory (the (N, V) array exists either way).
+    N x V exps again, at the same peak memory (the (N, V) array exists either way).
     """
     m = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
     e = mx.exp(logits - m)
@@ -126,8 +124,8 @@ _ERF_Q = (3.858614179573505e-05, 0.0011323900517232772, 0.014680654220713907, 0.
           0.49889591943481076, 1.0)
 
 # Written for MLX's CPU JIT, which fuses at most ~11 dependent ops into one kernel and does not
-# vectorize a kernel holding a min/max: with `clip` and Horner's rule the GELU over 1344 x 1536
-# elements ran as 7 kernels in ~9-12 ms, this form as 2 vectorized ones in ~2 ms (AVX2 machine).
+# vectorize a kernel holding a min/max: with `clip` and Horner's rule the GELU ran as 7 scalar
+# kernels, this form as 2 vectorized ones (measured in benchmarks/README.md).
 # - The clamp is |x + c| - |x - c| = 2 clamp(x, -c, c), c = 4 sqrt 2: abs vectorizes, min/max not.
 # - P and Q are evaluated in w^2 (coefficients rescaled) by Estrin's scheme: depth 4, not 10.
 _CLAMP = 4.0 * math.sqrt(2.0)

@@ -3,10 +3,9 @@
 MLX executes the ops of a CPU stream one after another on that stream's thread. The matmuls
 inside use every core (the BLAS threads them), but everything else runs on one: softmax, the many
 small per-head matmuls of attention, normalization. Ops placed on *different* streams run
-concurrently, and MLX inserts the waits where one stream's output feeds another's op. The model
-splits attention over the heads this way (see `gpt.CausalSelfAttention`): at 32 decoding rows
-and 128 cached positions, attention of all 8 layers took ~14 instead of ~25 ms on the 2-core
-AVX2 machine (benchmarks/README.md).
+concurrently, and MLX inserts the waits where one stream's output feeds another's op. The CPU ops
+use them twice (ops.py): wide decode steps split their attention heads over the streams, batched
+prefills their rows (measured in benchmarks/README.md).
 
 MLX streams belong to the thread that made them (using one on another thread raises), so each
 thread gets its own set, made on first use; `mx.compile` traces a function again on each thread,
