@@ -25,6 +25,16 @@ COMMAND_MODULES = [
 ]
 
 
+# Packages that only some commands need, and the extra that installs them (pyproject.toml): the
+# server needs none of them, so `pip install nanogpt-mlx` leaves them out.
+OPTIONAL_PACKAGES = {
+    "tqdm": "train",
+    "matplotlib": "train",
+    "datasets": "data",
+    "pyarrow": "data",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nanogpt_mlx import __version__
 
@@ -52,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        extra = OPTIONAL_PACKAGES.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"error: `nanogpt-mlx {args.command}` needs {exc.name}: pip install 'nanogpt-mlx[{extra}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
