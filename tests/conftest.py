@@ -10,6 +10,7 @@ Fixtures
   random_model       factory: random_model(config, seed) -> GPT with *every* tensor random
                      (biases and LayerNorm parameters too, so a misplaced tensor cannot hide)
   tiny_checkpoint    session-scoped HF GPT-2 directory of a random tiny model (fp32)
+  http, sdk          httpx and the openai SDK on the module's own `server` fixture
   full_checkpoint    session-scoped HF GPT-2 directory of a random full-size model (fp32)
   run_cli            run `nanogpt-mlx ...` in a real subprocess; returns CompletedProcess
 """
@@ -117,3 +118,22 @@ def run_cli():
         return proc
 
     return run
+
+
+# --- clients of a module's `server` fixture (each server test module defines its own `server`:
+# a ThreadedServer with the settings it tests) ------------------------------------------------------
+@pytest.fixture(scope="module")
+def http(server):
+    """httpx on the module's server."""
+    import httpx
+
+    with httpx.Client(base_url=server.base_url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def sdk(server):
+    """The `openai` SDK on the module's server."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)

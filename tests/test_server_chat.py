@@ -10,7 +10,7 @@ import shutil
 
 import httpx
 import pytest
-from openai import BadRequestError, OpenAI
+from openai import BadRequestError
 from server_support import VLLM_CHAT_FIELDS, ThreadedServer, metric_value, sse_payloads
 
 from nanogpt_mlx.model.tokenizer import get_tokenizer
@@ -26,17 +26,6 @@ MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "c
 def server(tiny_checkpoint):
     with ThreadedServer(tiny_checkpoint, max_batch=16, max_queue=64) as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.base_url, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def sdk(server):
-    return OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def chat(http: httpx.Client, **body) -> dict:

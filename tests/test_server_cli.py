@@ -15,7 +15,7 @@ from nanogpt_mlx.model.checkpoint import load_model
 from nanogpt_mlx.model.generate import generate_tokens
 from nanogpt_mlx.model.sampling import SamplingParams
 from nanogpt_mlx.model.tokenizer import EOT_ID, get_tokenizer
-from server_support import RawRequest, ServeProcess, metric_value, sse_payloads, wait_for
+from server_support import RawRequest, ServeProcess, metric_value, wait_for
 
 KEY = "test-secret"
 MODEL = "nano-full"

@@ -12,7 +12,6 @@ import httpx
 import mlx.core as mx
 import numpy as np
 import pytest
-from openai import OpenAI
 
 from nanogpt_mlx.model.checkpoint import load_model
 from nanogpt_mlx.model.sampling import log_softmax
@@ -29,17 +28,6 @@ BODY_LIMIT = 65536
 def server(tiny_checkpoint):
     with ThreadedServer(tiny_checkpoint, max_batch=16, max_queue=64, max_body_bytes=BODY_LIMIT, prefill_chunk=64) as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.base_url, timeout=30) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def sdk(server):
-    return OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=30)
 
 
 def complete(http: httpx.Client, **body) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 
-import httpx
 import pytest
 from server_support import VLLM_COMPLETION_FIELDS, ThreadedServer
 
@@ -20,12 +19,6 @@ MAX_N, MAX_LOGPROBS = 6, 7
 def server(tiny_checkpoint):
     with ThreadedServer(tiny_checkpoint, max_n=MAX_N, max_logprobs=MAX_LOGPROBS) as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.base_url, timeout=60) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ harness's own remote tokenizer; /v1/models as vLLM answers it, with several serv
 
 from __future__ import annotations
 
-import httpx
 import pytest
 from server_support import ThreadedServer
 
@@ -19,12 +18,6 @@ TEXTS = ["Hello world", " leading space", "naïve café — 東京", "two<|endof
 def server(tiny_checkpoint):
     with ThreadedServer(tiny_checkpoint, served_model_name=["tiny", "nanogpt-mlx"]) as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.base_url, timeout=60) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

@@ -28,12 +28,6 @@ def server(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.base_url, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def tokenizer(server):
     return get_tokenizer(server.settings.model)
 
