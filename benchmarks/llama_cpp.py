@@ -6,8 +6,8 @@
 The only source reachable without a network beyond the package registries is the llama.cpp tree
 vendored in PyPI's `llama-cpp-python` sdist: `pip download` fetches it, CMake + Ninja build the
 `llama-server` target alone, statically (one self-contained binary), and the binary is copied to
-`~/.cache/nanogpt-mlx/llama.cpp/<version>/bin/llama-server` (`$NANOGPT_MLX_CACHE` moves the
-cache root). Nothing of llama.cpp enters the repository. Metal is on by llama.cpp's own default on
+`~/.cache/nanogpt-mlx/llama.cpp/<version>/bin/llama-server` (`$XDG_CACHE_HOME` moves `~/.cache`,
+as for the rest of nanogpt-mlx's cache). Nothing of llama.cpp enters the repository. Metal is on by llama.cpp's own default on
 macOS; `--cuda` adds `-DGGML_CUDA=ON`.
 
 `find_llama_server()` is how the suite finds a binary: `$NANOGPT_MLX_LLAMA_SERVER`, then the
@@ -43,7 +43,7 @@ CMAKE_FLAGS = [
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("NANOGPT_MLX_CACHE") or Path.home() / ".cache" / "nanogpt-mlx")
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanogpt-mlx"
 
 
 def install_dir(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:

@@ -177,8 +177,12 @@ def markdown(results: dict) -> str:
 
     if "card" in results["sections"] and results.get("inference"):
         card = results["card_reference"]
+        from nanogpt_mlx.benchmarks.suite import CARD_MODEL
+
+        shape = "the card's shape" if s["model"] == CARD_MODEL else "a smaller shape than the card's"
+        params = (results.get("training") or {}).get("params", 0)
         out += ["## The card's table", "",
-                f"Random weights of the card's shape ({results.get('training', {}).get('params', 0):,} parameters), fp32, inference "
+                f"Random weights of {shape} ({params:,} parameters), fp32, inference "
                 f"mode (no dropout), {results['inference']['ours']['forward_tok_s']['n']} timed runs of each figure after "
                 f"{s['warmup']} warm-up runs per process, over {s['rounds']} alternating rounds. Ours: median, the p25–p75 range and min / max. "
                 f"Card: {card['hardware']}, from the original model card ({card['notes']}).", ""]
@@ -329,11 +333,12 @@ def plots(results: dict, out_dir: Path) -> list[str]:
     card = results["card_reference"]
     inf = results.get("inference", {})
     if "card" in results["sections"] and inf.get("ours"):
-        panels = [("forward 8×512 (tok/s)", "forward_tok_s", card["forward_tok_s"]),
-                  ("forward latency p95 (ms)", "forward_latency_ms", card["forward_latency_ms"]["p95"]),
-                  ("generation, batch 1 (tok/s)", "generation_tok_s", card["generation_tok_s"]),
-                  ("training (tok/s)", "train_tok_s", card["train_tok_s"])]
-        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
+        s = results["sizes"]
+        panels = [(f"forward {s['forward_batch']}×{s['forward_seq']} (tok/s)", "forward_tok_s", card["forward_tok_s"]),
+                  (f"forward {s['forward_batch']}×{s['forward_seq']} latency p95 (ms)", "forward_latency_ms", card["forward_latency_ms"]["p95"]),
+                  (f"generation {s['prompt_tokens']}+{s['gen_tokens']}, batch 1 (tok/s)", "generation_tok_s", card["generation_tok_s"]),
+                  (f"training {s['train_batch']}×{s['train_seq']} (tok/s)", "train_tok_s", card["train_tok_s"])]
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8))
         for ax, (title, key, card_value) in zip(axes, panels):
             bars = []
             if key == "train_tok_s":

@@ -114,6 +114,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", choices=["auto", "cpu", "gpu"], default="cpu", help="where MLX runs (gpu: Metal / CUDA)")
     g.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<machine-id>/)")
     g.add_argument("--smoke", action="store_true", help="a tiny model and 2 runs of everything: checks the suite, measures nothing")
+    g.add_argument("--cache", type=Path, help="where the random weights and GGUF files are kept between runs (default: ~/.cache/nanogpt-mlx/bench)")
     g.add_argument("--checkpoint", type=Path, help="the trained checkpoint the peers' greedy output is checked on (default: the bundled one)")
     g.add_argument("--update-readme", action="store_true", help="afterwards, rewrite README.md's generated performance section from these results")
     for f in fields(Sizes):
@@ -220,7 +221,7 @@ class Suite:
         self.peers = peers
         self.device = device
         self.out_dir = out_dir
-        self.cache = cache_dir()
+        self.cache = args.cache or cache_dir()
         self.results: dict = {}
         self.progress = None
 
@@ -471,16 +472,17 @@ class Suite:
 
     # driver -----------------------------------------------------------------------------------
     def plan(self) -> int:
-        s = self.sizes
-        n = 3
-        impls = 1 + (sum(self.ready(p) for p in ("transformers", "mlx-lm")) if "peers" in self.sections else 0)
-        if {"card", "peers"} & set(self.sections):
-            n += impls * s.rounds
-        n += ("card" in self.sections) + ("engine" in self.sections) + ("limits" in self.sections)
-        if {"server", "peers"} & set(self.sections):
-            servers = 1 + (sum(self.ready(p) for p in ("llama-server", "mlx-lm")) if "peers" in self.sections else 0)
+        """How many steps `run` will take, for the progress bar."""
+        s, sections = self.sizes, set(self.sections)
+        peers = "peers" in sections
+        n = 1 + (peers and self.ready("llama-server")) + (peers and self.ready("mlx-lm"))  # the weights
+        if {"card", "peers"} & sections:
+            n += (1 + (sum(self.ready(p) for p in ("transformers", "mlx-lm")) if peers else 0)) * s.rounds
+        n += ("card" in sections) + ("engine" in sections) + ("limits" in sections)
+        if {"server", "peers"} & sections:
+            servers = 1 + (sum(self.ready(p) for p in ("llama-server", "mlx-lm")) if peers else 0)
             n += servers + servers * s.rounds * len(s.levels)
-        if "peers" in self.sections:
+        if peers:
             n += 1 + sum(self.ready(p) for p in PEERS)
         return n
 

@@ -13,6 +13,8 @@ import argparse
 import importlib
 import sys
 
+from nanogpt_mlx.errors import UserError  # noqa: F401  (re-exported: `from nanogpt_mlx.cli import UserError` keeps working)
+
 # Modules that contribute subcommands, in the order `--help` lists them.
 COMMAND_MODULES = [
     "nanogpt_mlx.server.cli",
@@ -21,10 +23,6 @@ COMMAND_MODULES = [
     "nanogpt_mlx.training.cli",
     "nanogpt_mlx.benchmarks.cli",
 ]
-
-
-class UserError(Exception):
-    """A problem the user can fix; printed as `error: ...` with exit code 2, no traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
