@@ -71,7 +71,9 @@ def write_gguf(model_dir: str | Path, out_dir: str | Path, outtype: str = "f32",
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     config = json.loads((model_dir / "config.json").read_text())
     vocab = json.loads((model_dir / "vocab.json").read_text(encoding="utf-8"))
-    merges = [line for line in (model_dir / "merges.txt").read_text(encoding="utf-8").splitlines() if line and not line.startswith("#version")]
+    merges = [
+        line for line in (model_dir / "merges.txt").read_text(encoding="utf-8").splitlines() if line and not line.startswith("#version")
+    ]
     tokens = [token for token, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     if len(tokens) != config["vocab_size"] or [vocab[t] for t in tokens] != list(range(len(tokens))):
         raise ValueError(f"{model_dir}/vocab.json does not hold ids 0..{config['vocab_size'] - 1}")

@@ -68,7 +68,11 @@ def find_llama_server() -> tuple[Path | None, str]:
     on_path = shutil.which("llama-server")
     if on_path:
         return Path(on_path), "PATH"
-    return None, f"llama-server not built: run `nanogpt-mlx bench build-llama-server` (~10 min), or set $NANOGPT_MLX_LLAMA_SERVER (looked in {cached})"
+    return (
+        None,
+        "llama-server not built: run `nanogpt-mlx bench build-llama-server` (~10 min), "
+        f"or set $NANOGPT_MLX_LLAMA_SERVER (looked in {cached})",
+    )
 
 
 def binary_version(binary: Path) -> str:
@@ -92,8 +96,15 @@ def _run(command: list[str], log, cwd: Path | None = None, nice: int = 0) -> Non
         raise RuntimeError(f"{name} failed (exit {proc.returncode}); see the build log")
 
 
-def build(version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int | None = None, nice: int = 0, cuda: bool = False,
-          sdist: Path | None = None, log_path: Path | None = None, force: bool = False) -> Path:
+def build(
+    version: str = LLAMA_CPP_PYTHON_VERSION,
+    jobs: int | None = None,
+    nice: int = 0,
+    cuda: bool = False,
+    sdist: Path | None = None,
+    log_path: Path | None = None,
+    force: bool = False,
+) -> Path:
     """Download the sdist (unless `sdist` is given), build `llama-server`, install it in the cache."""
     target = cached_binary(version)
     if target.is_file() and not force:
@@ -108,8 +119,22 @@ def build(version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int | None = None, nice
         tmp_path = Path(tmp)
         started = time.monotonic()
         if sdist is None:
-            _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                  f"llama-cpp-python=={version}", "-d", str(tmp_path)], log, nice=nice)
+            _run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--no-binary",
+                    ":all:",
+                    f"llama-cpp-python=={version}",
+                    "-d",
+                    str(tmp_path),
+                ],
+                log,
+                nice=nice,
+            )
             sdist = next(tmp_path.glob("llama_cpp_python-*.tar.gz"))
         with tarfile.open(sdist) as tar:
             # The sdist is a registry's file; refuse members that would land outside the folder.

@@ -19,7 +19,22 @@ from importlib import metadata
 LIBRARIES = ("nanogpt-mlx", "mlx", "mlx-metal", "mlx-cuda", "mlx-lm", "numpy", "mkl", "torch", "transformers", "gguf", "uvicorn", "fastapi")
 
 # CPU flags that decide the speed of fp32 matmuls and elementwise code here.
-VECTOR_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "neon", "asimd", "sve")
+VECTOR_FLAGS = (
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_bf16",
+    "avx512_vnni",
+    "amx_tile",
+    "amx_bf16",
+    "neon",
+    "asimd",
+    "sve",
+)
 
 
 def _cpuinfo() -> dict[str, str]:
@@ -48,7 +63,12 @@ def _sysctl(name: str) -> str:
 
 def cpu_model() -> str:
     info = _cpuinfo()
-    return info.get("model name") or (_sysctl("machdep.cpu.brand_string") if sys.platform == "darwin" else "") or platform.processor() or platform.machine()
+    return (
+        info.get("model name")
+        or (_sysctl("machdep.cpu.brand_string") if sys.platform == "darwin" else "")
+        or platform.processor()
+        or platform.machine()
+    )
 
 
 def cpu_flags() -> list[str]:
@@ -102,7 +122,9 @@ def git_state() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True
+        ).stdout.strip()
         return rev + (" (uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -110,9 +132,9 @@ def git_state() -> str:
 
 def describe_machine() -> dict:
     """CPU, cores, flags, memory, MLX version and device, BLAS, library versions, load average now."""
-    from nanogpt_mlx.benchmarks.internals import blas_description
-
     import mlx.core as mx
+
+    from nanogpt_mlx.benchmarks.internals import blas_description
 
     blas = blas_description()
     return {

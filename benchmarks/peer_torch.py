@@ -71,8 +71,9 @@ def inference(p: dict) -> dict:
         batch = torch.from_numpy(rng.integers(0, min(vocab, 50257), (p["forward_batch"], p["forward_seq"]))).to(device)
 
         def forward() -> None:
-            model(batch, use_cache=False).logits
+            logits = model(batch, use_cache=False).logits
             _sync(device)
+            del logits
 
         out["forward_s"] = _timed(forward, p["runs"], p["warmup"])
 
@@ -81,8 +82,14 @@ def inference(p: dict) -> dict:
         n = p["gen_tokens"]
 
         def generate() -> None:
-            ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
-                                 do_sample=False, pad_token_id=model.config.eos_token_id)
+            ids = model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=model.config.eos_token_id,
+            )
             _sync(device)
             if ids.shape[1] - prompt.shape[1] != n:
                 raise RuntimeError(f"transformers generated {ids.shape[1] - prompt.shape[1]} of {n} tokens")
@@ -110,9 +117,15 @@ def greedy(p: dict) -> dict:
         for text in p["prompts"]:
             ids = torch.tensor([tokenizer.encode(text)], device=device)
             n = p["greedy_tokens"]
-            full = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  pad_token_id=model.config.eos_token_id)
-            new = full[0, ids.shape[1]:].tolist()
+            full = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=model.config.eos_token_id,
+            )
+            new = full[0, ids.shape[1] :].tolist()
             results.append({"prompt": text, "tokens": new, "text": tokenizer.decode(new)})
     return {"continuations": results}
 

@@ -73,30 +73,60 @@ def derive_limits(results: dict) -> list[dict]:
         tok_s = summary["median"]
         bytes_per_token, flops_per_token = cost
         ceiling_bw, ceiling_flops = bw / bytes_per_token, peak / flops_per_token
-        rows.append({
-            "figure": figure, "who": who, "tok_s": tok_s, "kind": kind,
-            "bytes_per_token": bytes_per_token, "flops_per_token": flops_per_token,
-            "pct_of_bandwidth": 100 * tok_s / ceiling_bw, "pct_of_compute": 100 * tok_s / ceiling_flops,
-            "ceiling_tok_s": min(ceiling_bw, ceiling_flops), "bound": "memory" if ceiling_bw < ceiling_flops else "compute",
-        })
+        rows.append(
+            {
+                "figure": figure,
+                "who": who,
+                "tok_s": tok_s,
+                "kind": kind,
+                "bytes_per_token": bytes_per_token,
+                "flops_per_token": flops_per_token,
+                "pct_of_bandwidth": 100 * tok_s / ceiling_bw,
+                "pct_of_compute": 100 * tok_s / ceiling_flops,
+                "ceiling_tok_s": min(ceiling_bw, ceiling_flops),
+                "bound": "memory" if ceiling_bw < ceiling_flops else "compute",
+            }
+        )
 
     gen_position = s["prompt_tokens"] + s["gen_tokens"] / 2
     for who, figs in results.get("inference", {}).items():
-        add(f"generation {s['prompt_tokens']}+{s['gen_tokens']}, batch 1", who, figs.get("generation_tok_s"), decode(1, gen_position), "decode")
-        add(f"forward {s['forward_batch']}x{s['forward_seq']}", who, figs.get("forward_tok_s"),
-            forward(s["forward_batch"] * s["forward_seq"], s["forward_seq"]), "compute")
+        add(
+            f"generation {s['prompt_tokens']}+{s['gen_tokens']}, batch 1",
+            who,
+            figs.get("generation_tok_s"),
+            decode(1, gen_position),
+            "decode",
+        )
+        add(
+            f"forward {s['forward_batch']}x{s['forward_seq']}",
+            who,
+            figs.get("forward_tok_s"),
+            forward(s["forward_batch"] * s["forward_seq"], s["forward_seq"]),
+            "compute",
+        )
         add(f"prefill 1x{s['prefill_tokens']}", who, figs.get("prefill_tok_s"), prefill(1, s["prefill_tokens"]), "compute")
     engine = results.get("engine")
     if engine:
         for n, fig in engine["decode"].items():
             add(f"engine decode, {n} rows", "ours", fig["tok_s"], decode(int(n), s["decode_position"]), "decode")
-        add(f"engine batched prefill {s['batched_prefill_rows']}x{s['batched_prefill_tokens']}", "ours", engine["batched_prefill"]["tok_s"],
-            prefill(s["batched_prefill_rows"], s["batched_prefill_tokens"]), "compute")
+        add(
+            f"engine batched prefill {s['batched_prefill_rows']}x{s['batched_prefill_tokens']}",
+            "ours",
+            engine["batched_prefill"]["tok_s"],
+            prefill(s["batched_prefill_rows"], s["batched_prefill_tokens"]),
+            "compute",
+        )
     training = results.get("training")
     if training:
         fb, ff = forward(s["train_batch"] * s["train_seq"], s["train_seq"])
         add(f"training {s['train_batch']}x{s['train_seq']}", "ours", training["train_tok_s"], (fb, 3 * ff), "compute")
-        add(f"evaluation {s['eval_batch']}x{s['eval_seq']}", "ours", training["eval_tok_s"], forward(s["eval_batch"] * s["eval_seq"], s["eval_seq"]), "compute")
+        add(
+            f"evaluation {s['eval_batch']}x{s['eval_seq']}",
+            "ours",
+            training["eval_tok_s"],
+            forward(s["eval_batch"] * s["eval_seq"], s["eval_seq"]),
+            "compute",
+        )
     return rows
 
 
@@ -116,7 +146,8 @@ def ratio(x) -> str:
 def spread(summary: dict, digits: int = 0) -> str:
     if not summary or not summary.get("n"):
         return "–"
-    return f"{num(summary['p25'], digits)}–{num(summary['p75'], digits)} (min {num(summary['min'], digits)}, max {num(summary['max'], digits)})"
+    lo, hi = num(summary["p25"], digits), num(summary["p75"], digits)
+    return f"{lo}–{hi} (min {num(summary['min'], digits)}, max {num(summary['max'], digits)})"
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -138,12 +169,24 @@ def card_rows(results: dict) -> list[dict]:
     inf = results.get("inference", {}).get("ours", {})
     tr = results.get("training") or {}
     rows = [
-        {"figure": f"forward {s['forward_batch']}×{s['forward_seq']}, full logits (tok/s)", "ours": inf.get("forward_tok_s"), "card": card["forward_tok_s"]},
-        {"figure": "  latency mean (ms)", "ours": inf.get("forward_latency_ms"), "card": card["forward_latency_ms"]["mean"], "stat": "mean"},
+        {
+            "figure": f"forward {s['forward_batch']}×{s['forward_seq']}, full logits (tok/s)",
+            "ours": inf.get("forward_tok_s"),
+            "card": card["forward_tok_s"],
+        },
+        {
+            "figure": "  latency mean (ms)",
+            "ours": inf.get("forward_latency_ms"),
+            "card": card["forward_latency_ms"]["mean"],
+            "stat": "mean",
+        },
         {"figure": "  latency p95 (ms)", "ours": inf.get("forward_latency_ms"), "card": card["forward_latency_ms"]["p95"], "stat": "p95"},
         {"figure": "  latency p99 (ms)", "ours": inf.get("forward_latency_ms"), "card": card["forward_latency_ms"]["p99"], "stat": "p99"},
-        {"figure": f"generation {s['prompt_tokens']} + {s['gen_tokens']} greedy, batch 1 (tok/s)", "ours": inf.get("generation_tok_s"),
-         "card": card["generation_tok_s"]},
+        {
+            "figure": f"generation {s['prompt_tokens']} + {s['gen_tokens']} greedy, batch 1 (tok/s)",
+            "ours": inf.get("generation_tok_s"),
+            "card": card["generation_tok_s"],
+        },
         {"figure": f"training {s['train_batch']}×{s['train_seq']} (tok/s)", "ours": tr.get("train_tok_s"), "card": card["train_tok_s"]},
         {"figure": f"evaluation {s['eval_batch']}×{s['eval_seq']} (tok/s)", "ours": tr.get("eval_tok_s"), "card": None},
     ]
@@ -154,8 +197,10 @@ def markdown(results: dict) -> str:
     m, s = results["machine"], results["sizes"]
     hw = hardware(results)
     out = [f"# nanogpt-mlx benchmark: {results['machine_id']}", ""]
-    out.append(f"{results['started_at']} → {results['finished_at']} ({results['duration_s'] / 60:.1f} min), git {m['git']}, "
-               f"device {results['device']}. Generated by `nanogpt-mlx bench`; definitions: [benchmarks/README.md](../../README.md).")
+    out.append(
+        f"{results['started_at']} → {results['finished_at']} ({results['duration_s'] / 60:.1f} min), git {m['git']}, "
+        f"device {results['device']}. Generated by `nanogpt-mlx bench`; definitions: [benchmarks/README.md](../../README.md)."
+    )
     out.append("")
     if results["smoke"]:
         out += ["**Smoke run**: a tiny model and 2 runs of everything; these figures check the suite and measure nothing.", ""]
@@ -163,14 +208,22 @@ def markdown(results: dict) -> str:
         changed = {k: v for k, v in s.items() if k != "model" and _default_sizes().get(k) != v}
         out += [f"Sizes differ from the defaults: {', '.join(f'{k}={v}' for k, v in changed.items())}.", ""]
     la_b, la_a = results.get("load_average_before"), results.get("load_average_after")
-    out += ["## Machine", "", table(["", ""], [
-        ["CPU", f"{m['cpu']} ({m['cores']} cores, {m['system']})"],
-        ["vector extensions", ", ".join(m.get("cpu_flags", [])) or "–"],
-        ["memory", f"{m.get('memory_gb', '–')} GiB"],
-        ["BLAS", f"{m['blas']} ({m['blas_threads']} threads)"],
-        ["libraries", ", ".join(f"{k} {v}" for k, v in m.get("libraries", {}).items())],
-        ["load average (1/5/15 min) before / after", f"{la_b} / {la_a}"],
-    ]), ""]
+    out += [
+        "## Machine",
+        "",
+        table(
+            ["", ""],
+            [
+                ["CPU", f"{m['cpu']} ({m['cores']} cores, {m['system']})"],
+                ["vector extensions", ", ".join(m.get("cpu_flags", [])) or "–"],
+                ["memory", f"{m.get('memory_gb', '–')} GiB"],
+                ["BLAS", f"{m['blas']} ({m['blas_threads']} threads)"],
+                ["libraries", ", ".join(f"{k} {v}" for k, v in m.get("libraries", {}).items())],
+                ["load average (1/5/15 min) before / after", f"{la_b} / {la_a}"],
+            ],
+        ),
+        "",
+    ]
     if results.get("notes"):
         out += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
     out += peers_section(results)
@@ -181,36 +234,53 @@ def markdown(results: dict) -> str:
 
         shape = "the card's shape" if s["model"] == CARD_MODEL else "a smaller shape than the card's"
         params = (results.get("training") or {}).get("params", 0)
-        out += ["## The card's table", "",
-                f"Random weights of {shape} ({params:,} parameters), fp32, inference "
-                f"mode (no dropout), {results['inference']['ours']['forward_tok_s']['n']} timed runs of each figure after "
-                f"{s['warmup']} warm-up runs per process, over {s['rounds']} alternating rounds. Ours: median, the p25–p75 range and min / max. "
-                f"Card: {card['hardware']}, from the original model card ({card['notes']}).", ""]
+        out += [
+            "## The card's table",
+            "",
+            f"Random weights of {shape} ({params:,} parameters), fp32, inference "
+            f"mode (no dropout), {results['inference']['ours']['forward_tok_s']['n']} timed runs of each figure after "
+            f"{s['warmup']} warm-up runs per process, over {s['rounds']} alternating rounds. "
+            "Ours: median, the p25–p75 range and min / max. "
+            f"Card: {card['hardware']}, from the original model card ({card['notes']}).",
+            "",
+        ]
         rows = []
         for r in card_rows(results):
             summ = r["ours"]
             if not summ or not summ.get("n"):
                 continue
             value = summ.get(r.get("stat", "median"))
-            rows.append([r["figure"], num(value, 1), spread(summ, 1) if r.get("stat", "median") == "median" else "–",
-                         num(r["card"], 1) if r["card"] is not None else "–",
-                         ratio(value / r["card"]) if r["card"] else "–"])
+            rows.append(
+                [
+                    r["figure"],
+                    num(value, 1),
+                    spread(summ, 1) if r.get("stat", "median") == "median" else "–",
+                    num(r["card"], 1) if r["card"] is not None else "–",
+                    ratio(value / r["card"]) if r["card"] else "–",
+                ]
+            )
         tr = results.get("training")
         if tr:
             rows.append(["model size on disk, fp32 / fp16 (MB)", f"{tr['size_fp32_mb']:.1f} / {tr['size_fp16_mb']:.1f}", "–", "–", "–"])
             rows.append(["parameters", f"{tr['params']:,}", "–", f"{card['params'] / 1e6:.0f}M", "–"])
             if tr.get("train_peak_memory_gb"):
                 rows.append(["training peak memory (GB)", f"{tr['train_peak_memory_gb']:.2f}", "–", "–", "–"])
-        out += [table(["figure", f"ours ({hw})", "ours p25–p75 (min, max)", f"card ({card['hardware']})", "ours / card"], rows), "",
-                "![the card's table](card.png)", ""]
+        out += [
+            table(["figure", f"ours ({hw})", "ours p25–p75 (min, max)", f"card ({card['hardware']})", "ours / card"], rows),
+            "",
+            "![the card's table](card.png)",
+            "",
+        ]
 
     if results.get("inference") and len(results["inference"]) > 1:
         out += ["## Peers in process (same weights, alternating)", ""]
         figs = results["inference"]
         names = list(figs)
-        keys = [("forward_tok_s", f"forward {s['forward_batch']}×{s['forward_seq']} tok/s"),
-                ("generation_tok_s", f"generation {s['prompt_tokens']}+{s['gen_tokens']} tok/s"),
-                ("prefill_tok_s", f"prefill 1×{s['prefill_tokens']} tok/s")]
+        keys = [
+            ("forward_tok_s", f"forward {s['forward_batch']}×{s['forward_seq']} tok/s"),
+            ("generation_tok_s", f"generation {s['prompt_tokens']}+{s['gen_tokens']} tok/s"),
+            ("prefill_tok_s", f"prefill 1×{s['prefill_tokens']} tok/s"),
+        ]
         rows = []
         for key, label in keys:
             row = [label]
@@ -218,18 +288,41 @@ def markdown(results: dict) -> str:
                 v = figs[n][key]["median"]
                 row.append(num(v, 1) + ("" if n == "ours" else f" ({ratio(results['inference_ratios'][n][key])})"))
             rows.append(row)
-        out += [table(["figure"] + [LABELS.get(n, n) + ("" if n == "ours" else " (× ours)") for n in names], rows), "",
-                "mlx-lm's GPT-2 ties the LM head to the embedding (same shape and cost) and uses the tanh GELU; transformers runs "
-                "torch's own kernels in a plain process.", ""]
+        out += [
+            table(["figure"] + [LABELS.get(n, n) + ("" if n == "ours" else " (× ours)") for n in names], rows),
+            "",
+            "mlx-lm's GPT-2 ties the LM head to the embedding (same shape and cost) and uses the tanh GELU; transformers runs "
+            "torch's own kernels in a plain process.",
+            "",
+        ]
 
     eng = results.get("engine")
     if eng:
-        rows = [[f"decode step, {n} row{'s' if n != '1' else ''} at position {s['decode_position']}", num(f["tok_s"]["median"], 1),
-                 num(f["step_ms"]["median"], 1), spread(f["tok_s"], 1)] for n, f in eng["decode"].items()]
-        rows.append([f"prefill 1×{s['prefill_tokens']} (last logits)", num(eng["prefill"]["tok_s"]["median"]), num(eng["prefill"]["ms"]["median"], 1),
-                     spread(eng["prefill"]["tok_s"])])
-        rows.append([f"batched prefill {s['batched_prefill_rows']}×{s['batched_prefill_tokens']}", num(eng["batched_prefill"]["tok_s"]["median"]),
-                     num(eng["batched_prefill"]["ms"]["median"], 1), spread(eng["batched_prefill"]["tok_s"])])
+        rows = [
+            [
+                f"decode step, {n} row{'s' if n != '1' else ''} at position {s['decode_position']}",
+                num(f["tok_s"]["median"], 1),
+                num(f["step_ms"]["median"], 1),
+                spread(f["tok_s"], 1),
+            ]
+            for n, f in eng["decode"].items()
+        ]
+        rows.append(
+            [
+                f"prefill 1×{s['prefill_tokens']} (last logits)",
+                num(eng["prefill"]["tok_s"]["median"]),
+                num(eng["prefill"]["ms"]["median"], 1),
+                spread(eng["prefill"]["tok_s"]),
+            ]
+        )
+        rows.append(
+            [
+                f"batched prefill {s['batched_prefill_rows']}×{s['batched_prefill_tokens']}",
+                num(eng["batched_prefill"]["tok_s"]["median"]),
+                num(eng["batched_prefill"]["ms"]["median"], 1),
+                spread(eng["batched_prefill"]["tok_s"]),
+            ]
+        )
         out += ["## Engine (`ModelRunner`)", "", table(["", "tok/s", "ms per call", "tok/s p25–p75 (min, max)"], rows), ""]
 
     srv = results.get("server")
@@ -239,18 +332,36 @@ def markdown(results: dict) -> str:
         out += greedy_section(results)
     lim = results.get("limits")
     if lim:
-        out += ["## Limits", "",
-                f"Measured: memory read bandwidth **{lim['bandwidth_gb_s']:.1f} GB/s** (the faster of MLX's and NumPy's matrix-vector product "
-                f"over a {s['bandwidth_n']}² fp32 matrix: {lim['bandwidth_mlx_gemv_gb_s']:.1f} / {lim['bandwidth_numpy_gemv_gb_s']:.1f}), "
-                f"fp32 GEMM peak **{lim['gemm_gflops']:.0f} GFLOP/s** (best of square products, sizes "
-                f"{', '.join(lim['gemm_gflops_by_size'])}). Each figure as a share of what the bandwidth (bytes per token) and the "
-                "GEMM peak (FLOPs per token) allow; the smaller ceiling is the one that binds (definitions: "
-                "benchmarks/report.py, `derive_limits`).", ""]
-        rows = [[r["figure"], LABELS.get(r["who"], r["who"]), num(r["tok_s"], 1), f"{r['bytes_per_token'] / 1e6:.2f}",
-                 f"{r['flops_per_token'] / 1e6:.0f}", f"{r['pct_of_bandwidth']:.0f} %", f"{r['pct_of_compute']:.0f} %", r["bound"]]
-                for r in lim.get("figures", [])]
-        out += [table(["figure", "who", "tok/s", "MB/token", "MFLOP/token", "% of bandwidth", "% of GEMM peak", "bound"], rows), "",
-                "![limits](limits.png)", ""]
+        out += [
+            "## Limits",
+            "",
+            f"Measured: memory read bandwidth **{lim['bandwidth_gb_s']:.1f} GB/s** (the faster of MLX's and NumPy's matrix-vector product "
+            f"over a {s['bandwidth_n']}² fp32 matrix: {lim['bandwidth_mlx_gemv_gb_s']:.1f} / {lim['bandwidth_numpy_gemv_gb_s']:.1f}), "
+            f"fp32 GEMM peak **{lim['gemm_gflops']:.0f} GFLOP/s** (best of square products, sizes "
+            f"{', '.join(lim['gemm_gflops_by_size'])}). Each figure as a share of what the bandwidth (bytes per token) and the "
+            "GEMM peak (FLOPs per token) allow; the smaller ceiling is the one that binds (definitions: "
+            "benchmarks/report.py, `derive_limits`).",
+            "",
+        ]
+        rows = [
+            [
+                r["figure"],
+                LABELS.get(r["who"], r["who"]),
+                num(r["tok_s"], 1),
+                f"{r['bytes_per_token'] / 1e6:.2f}",
+                f"{r['flops_per_token'] / 1e6:.0f}",
+                f"{r['pct_of_bandwidth']:.0f} %",
+                f"{r['pct_of_compute']:.0f} %",
+                r["bound"],
+            ]
+            for r in lim.get("figures", [])
+        ]
+        out += [
+            table(["figure", "who", "tok/s", "MB/token", "MFLOP/token", "% of bandwidth", "% of GEMM peak", "bound"], rows),
+            "",
+            "![limits](limits.png)",
+            "",
+        ]
     out += ["## Sizes", "", "```", json.dumps({k: v for k, v in s.items()}, separators=(", ", ": ")), "```", ""]
     return "\n".join(out)
 
@@ -273,38 +384,77 @@ def peers_section(results: dict) -> list[str]:
 
 def server_section(results: dict) -> list[str]:
     srv, s = results["server"], results["sizes"]
-    out = ["## Server under load", "",
-           f"Closed loop over loopback: C clients each send streaming completions back to back ({srv['max_tokens']} new tokens, "
-           f"`ignore_eos`, temperature 1, every prompt unique so no prompt cache helps); at least {s['requests_per_client']} requests per "
-           f"client and {s['min_requests']} per level; every server has {srv['slots']} slots; {s['rounds']} rounds, the servers in "
-           "alternating order, medians over the rounds. TTFT: send → first token; ITL: gap between streamed tokens; e2e: send → last byte.", ""]
+    out = [
+        "## Server under load",
+        "",
+        f"Closed loop over loopback: C clients each send streaming completions back to back ({srv['max_tokens']} new tokens, "
+        f"`ignore_eos`, temperature 1, every prompt unique so no prompt cache helps); at least {s['requests_per_client']} requests per "
+        f"client and {s['min_requests']} per level; every server has {srv['slots']} slots; {s['rounds']} rounds, the servers in "
+        "alternating order, medians over the rounds. TTFT: send → first token; ITL: gap between streamed tokens; e2e: send → last byte.",
+        "",
+    ]
     for name, entry in srv["servers"].items():
         rows = []
         for c, lv in entry["levels"].items():
             md = lv["median"]
-            rows.append([c, num(md["output_tok_s"], 1), num(1e3 * md["ttft_p50_s"], 0), num(1e3 * md["ttft_p95_s"], 0),
-                         num(1e3 * md["itl_p50_s"], 1), num(1e3 * md["itl_p95_s"], 1), num(1e3 * md["e2e_p95_s"], 0),
-                         f"{lv['errors']} / {lv['requests']}"])
-        out += [f"### {name}", "", table(["clients", "output tok/s", "TTFT p50 ms", "TTFT p95 ms", "ITL p50 ms", "ITL p95 ms", "e2e p95 ms",
-                                          "errors / requests"], rows), ""]
+            rows.append(
+                [
+                    c,
+                    num(md["output_tok_s"], 1),
+                    num(1e3 * md["ttft_p50_s"], 0),
+                    num(1e3 * md["ttft_p95_s"], 0),
+                    num(1e3 * md["itl_p50_s"], 1),
+                    num(1e3 * md["itl_p95_s"], 1),
+                    num(1e3 * md["e2e_p95_s"], 0),
+                    f"{lv['errors']} / {lv['requests']}",
+                ]
+            )
+        out += [
+            f"### {name}",
+            "",
+            table(
+                ["clients", "output tok/s", "TTFT p50 ms", "TTFT p95 ms", "ITL p50 ms", "ITL p95 ms", "e2e p95 ms", "errors / requests"],
+                rows,
+            ),
+            "",
+        ]
     if srv.get("ratios"):
         rows = []
         for name, by_level in srv["ratios"].items():
             for c, r in by_level.items():
-                rows.append([name, c, ratio(r["output_tok_s"]), ratio(r["ttft_p50_s"]), ratio(r["ttft_p95_s"]), ratio(r["itl_p50_s"]),
-                             ratio(r["e2e_p95_s"])])
-        out += ["### Peers / ours", "", "Above 1× a peer has more throughput, or a longer latency, than ours.", "",
-                table(["server", "clients", "output tok/s", "TTFT p50", "TTFT p95", "ITL p50", "e2e p95"], rows), ""]
+                rows.append(
+                    [
+                        name,
+                        c,
+                        ratio(r["output_tok_s"]),
+                        ratio(r["ttft_p50_s"]),
+                        ratio(r["ttft_p95_s"]),
+                        ratio(r["itl_p50_s"]),
+                        ratio(r["e2e_p95_s"]),
+                    ]
+                )
+        out += [
+            "### Peers / ours",
+            "",
+            "Above 1× a peer has more throughput, or a longer latency, than ours.",
+            "",
+            table(["server", "clients", "output tok/s", "TTFT p50", "TTFT p95", "ITL p50", "e2e p95"], rows),
+            "",
+        ]
     out += ["![throughput against clients](server_throughput.png)", "", "![TTFT and ITL distributions](server_latency.png)", ""]
     return out
 
 
 def greedy_section(results: dict) -> list[str]:
     g = results["greedy_check"]
-    out = ["## Greedy agreement with ours", "",
-           f"The same checkpoint ({g['checkpoint']}), {g['tokens']} greedy tokens after each prompt; how many leading tokens equal ours. "
-           "llama.cpp's and mlx-lm's GPT-2 use the tanh GELU where ours (and transformers') is the exact erf one, so they may part "
-           "where two tokens are nearly tied.", ""]
+    out = [
+        "## Greedy agreement with ours",
+        "",
+        f"The same checkpoint ({g['checkpoint']}), {g['tokens']} greedy tokens after each prompt; how many leading tokens equal ours. "
+        "llama.cpp's and mlx-lm's GPT-2 use the tanh GELU where ours (and transformers') is the exact erf one, so they may part "
+        "where two tokens are nearly tied.",
+        "",
+    ]
     rows = []
     for peer, check in g["peers"].items():
         for p in check["prompts"]:
@@ -334,10 +484,12 @@ def plots(results: dict, out_dir: Path) -> list[str]:
     inf = results.get("inference", {})
     if "card" in results["sections"] and inf.get("ours"):
         s = results["sizes"]
-        panels = [(f"forward {s['forward_batch']}×{s['forward_seq']} (tok/s)", "forward_tok_s", card["forward_tok_s"]),
-                  (f"forward {s['forward_batch']}×{s['forward_seq']} latency p95 (ms)", "forward_latency_ms", card["forward_latency_ms"]["p95"]),
-                  (f"generation {s['prompt_tokens']}+{s['gen_tokens']}, batch 1 (tok/s)", "generation_tok_s", card["generation_tok_s"]),
-                  (f"training {s['train_batch']}×{s['train_seq']} (tok/s)", "train_tok_s", card["train_tok_s"])]
+        panels = [
+            (f"forward {s['forward_batch']}×{s['forward_seq']} (tok/s)", "forward_tok_s", card["forward_tok_s"]),
+            (f"forward {s['forward_batch']}×{s['forward_seq']} latency p95 (ms)", "forward_latency_ms", card["forward_latency_ms"]["p95"]),
+            (f"generation {s['prompt_tokens']}+{s['gen_tokens']}, batch 1 (tok/s)", "generation_tok_s", card["generation_tok_s"]),
+            (f"training {s['train_batch']}×{s['train_seq']} (tok/s)", "train_tok_s", card["train_tok_s"]),
+        ]
         fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8))
         for ax, (title, key, card_value) in zip(axes, panels):
             bars = []
@@ -372,7 +524,9 @@ def plots(results: dict, out_dir: Path) -> list[str]:
             med = [entry["levels"][c]["median"]["output_tok_s"] for c in entry["levels"]]
             lo = [min(r["output_tok_s"] for r in entry["levels"][c]["rounds"]) for c in entry["levels"]]
             hi = [max(r["output_tok_s"] for r in entry["levels"][c]["rounds"]) for c in entry["levels"]]
-            ax.errorbar(cs, med, yerr=[[m - lo_ for m, lo_ in zip(med, lo)], [h - m for m, h in zip(med, hi)]], marker="o", capsize=3, label=name)
+            ax.errorbar(
+                cs, med, yerr=[[m - lo_ for m, lo_ in zip(med, lo)], [h - m for m, h in zip(med, hi)]], marker="o", capsize=3, label=name
+            )
         ax.set_xscale("log", base=2)
         ax.set_xticks([int(c) for c in srv["levels"]], [str(c) for c in srv["levels"]])
         ax.set_xlabel("concurrent streaming clients")
@@ -384,7 +538,10 @@ def plots(results: dict, out_dir: Path) -> list[str]:
 
         names = list(srv["servers"])
         fig, axes = plt.subplots(2, 1, figsize=(max(6.5, 1.2 * len(srv["levels"]) * len(names)), 7))
-        for ax, key, title in ((axes[0], "ttft_ms_quantiles", "time to first token (ms)"), (axes[1], "itl_ms_quantiles", "inter-token latency (ms)")):
+        for ax, key, title in (
+            (axes[0], "ttft_ms_quantiles", "time to first token (ms)"),
+            (axes[1], "itl_ms_quantiles", "inter-token latency (ms)"),
+        ):
             boxes, positions, colors = [], [], []
             for li, c in enumerate(srv["levels"]):
                 for si, name in enumerate(names):
@@ -400,8 +557,9 @@ def plots(results: dict, out_dir: Path) -> list[str]:
                 for patch, color in zip(art["boxes"], colors):
                     patch.set_facecolor(color)
                     patch.set_alpha(0.6)
-            ax.set_xticks([li * (len(names) + 1) + (len(names) - 1) / 2 for li in range(len(srv["levels"]))],
-                          [f"{c} clients" for c in srv["levels"]])
+            ax.set_xticks(
+                [li * (len(names) + 1) + (len(names) - 1) / 2 for li in range(len(srv["levels"]))], [f"{c} clients" for c in srv["levels"]]
+            )
             ax.set_yscale("log")
             ax.set_ylabel(title)
             ax.grid(alpha=0.3, axis="y")
@@ -467,15 +625,21 @@ def latest_results(root: Path | None = None) -> Path:
 def readme_section(results: dict, results_path: Path, readme: Path) -> str:
     """The generated text between the markers: the card's table, the server at each level with the peers, the limits."""
     link = os.path.relpath(results_path.parent / "report.md", readme.parent)
-    s, card = results["sizes"], results["card_reference"]
+    card = results["card_reference"]
     hw = hardware(results)
     date = results["finished_at"][:10]
-    lines = [BEGIN, "<!-- generated by `nanogpt-mlx bench report --update-readme` from "
-             f"{os.path.relpath(results_path, readme.parent)}; edits here are overwritten -->", ""]
+    lines = [
+        BEGIN,
+        "<!-- generated by `nanogpt-mlx bench report --update-readme` from "
+        f"{os.path.relpath(results_path, readme.parent)}; edits here are overwritten -->",
+        "",
+    ]
     preliminary = "" if results.get("default_sizes") else " Sizes differ from the defaults (a short run): see the report."
-    lines.append(f"Measured by `nanogpt-mlx bench` on {hw} ({results['device']}, {results['machine']['blas']} BLAS), {date}, load average "
-                 f"{results.get('load_average_before')} before, {results.get('load_average_after')} after; "
-                 f"full report with every figure, spread, peer and plot: [{link}]({link}).{preliminary}")
+    lines.append(
+        f"Measured by `nanogpt-mlx bench` on {hw} ({results['device']}, {results['machine']['blas']} BLAS), {date}, load average "
+        f"{results.get('load_average_before')} before, {results.get('load_average_after')} after; "
+        f"full report with every figure, spread, peer and plot: [{link}]({link}).{preliminary}"
+    )
     lines.append("")
     if results.get("inference", {}).get("ours"):
         rows = []
@@ -506,15 +670,26 @@ def readme_section(results: dict, results_path: Path, readme: Path) -> str:
                     cell += f" ({ratio(srv['ratios'][n][str(c)]['output_tok_s'])})"
                 row.append(cell)
             rows.append(row)
-        lines += [f"Streaming server, {srv['max_tokens']}-token completions, unique prompts (peers: × our throughput):", "",
-                  table(["clients"] + names, rows), ""]
+        lines += [
+            f"Streaming server, {srv['max_tokens']}-token completions, unique prompts (peers: × our throughput):",
+            "",
+            table(["clients"] + names, rows),
+            "",
+        ]
     lim = results.get("limits")
     if lim and lim.get("figures"):
         pick = {r["figure"]: r for r in lim["figures"] if r["who"] == "ours"}
-        parts = [f"{r['figure']} {r['pct_of_bandwidth'] if r['kind'] == 'decode' else r['pct_of_compute']:.0f} % of "
-                 f"{'bandwidth' if r['kind'] == 'decode' else 'GEMM peak'}" for r in pick.values()]
-        lines += [f"Limits measured here: {lim['bandwidth_gb_s']:.0f} GB/s read bandwidth, {lim['gemm_gflops']:.0f} GFLOP/s fp32 GEMM; ours: "
-                  + "; ".join(parts) + ".", ""]
+        parts = [
+            f"{r['figure']} {r['pct_of_bandwidth'] if r['kind'] == 'decode' else r['pct_of_compute']:.0f} % of "
+            f"{'bandwidth' if r['kind'] == 'decode' else 'GEMM peak'}"
+            for r in pick.values()
+        ]
+        lines += [
+            f"Limits measured here: {lim['bandwidth_gb_s']:.0f} GB/s read bandwidth, {lim['gemm_gflops']:.0f} GFLOP/s fp32 GEMM; ours: "
+            + "; ".join(parts)
+            + ".",
+            "",
+        ]
     lines.append(END)
     return "\n".join(lines)
 
@@ -533,8 +708,10 @@ def update_readme(results_path: Path, readme: Path = README) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="nanogpt-mlx bench report", description="Redo report.md and the plots from a results.json; "
-                                "optionally rewrite README.md's generated performance section.")
+    p = argparse.ArgumentParser(
+        prog="nanogpt-mlx bench report",
+        description="Redo report.md and the plots from a results.json; optionally rewrite README.md's generated performance section.",
+    )
     p.add_argument("--results", type=Path, help="a results.json (default: the newest full run under benchmarks/results/)")
     p.add_argument("--update-readme", action="store_true", help=f"rewrite the README's text between {BEGIN} and {END}")
     p.add_argument("--readme", type=Path, default=README, help=argparse.SUPPRESS)

@@ -63,7 +63,8 @@ def random_full_size_checkpoint(directory: Path) -> Path:
 
 
 def start_server(model_dir: Path, port: int, max_batch: int, extra: list[str], log_path: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "nanogpt_mlx", "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--max-batch", str(max_batch), "--log-level", "warning", *extra]
+    command = [sys.executable, "-m", "nanogpt_mlx", "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+               "--max-batch", str(max_batch), "--log-level", "warning", *extra]
     log = open(log_path, "w")
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
@@ -83,7 +84,8 @@ def wait_healthy(base_url: str, proc: subprocess.Popen, timeout: float = 120.0) 
 
 
 async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, temperature: float) -> dict:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
     sent = time.perf_counter()
     arrivals: list[float] = []
     tokens = 0
@@ -113,7 +115,9 @@ async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, t
     return {"sent": sent, "arrivals": arrivals, "tokens": tokens or len(arrivals), "done": time.perf_counter()}
 
 
-async def run_level(base_url: str, concurrency: int, per_client: int, max_tokens: int, temperature: float, keep_samples: bool = False) -> dict:
+async def run_level(
+    base_url: str, concurrency: int, per_client: int, max_tokens: int, temperature: float, keep_samples: bool = False
+) -> dict:
     """`concurrency` clients, each sending `per_client` streaming completions back to back (closed loop).
 
     With `keep_samples` the result also holds every TTFT, inter-token gap and end-to-end time
@@ -127,7 +131,8 @@ async def run_level(base_url: str, concurrency: int, per_client: int, max_tokens
         await one_request(client, f"warm up {secrets.token_hex(4)} " + PASSAGE, 8, temperature)
 
         async def worker(w: int) -> list[dict]:
-            return [await one_request(client, f"Request {secrets.token_hex(4)}-{w}-{i}. {PASSAGE}", max_tokens, temperature) for i in range(per_client)]
+            prompts = [f"Request {secrets.token_hex(4)}-{w}-{i}. {PASSAGE}" for i in range(per_client)]
+            return [await one_request(client, prompt, max_tokens, temperature) for prompt in prompts]
 
         started = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(worker(w) for w in range(concurrency))) for r in rs]
@@ -178,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--server-arg", action="append", default=[], help="extra `serve` flag (repeatable), e.g. --server-arg=--prefill-chunk=128")
+    p.add_argument("--server-arg", action="append", default=[],
+                   help="extra `serve` flag (repeatable), e.g. --server-arg=--prefill-chunk=128")
     p.add_argument("--out", default="serve_load.json", help="where to write the JSON results")
     p.add_argument("--url", help="load this already-running OpenAI-compatible server instead of starting `serve`")
     args = p.parse_args(argv)
@@ -212,7 +218,8 @@ def run_levels(base_url: str, args) -> list[dict]:
     for c in args.concurrency:
         level = asyncio.run(run_level(base_url, c, args.requests_per_client, args.max_tokens, args.temperature))
         levels.append(level)
-        print(f"concurrency {c}: {level['output_tok_s']:.1f} output tok/s, TTFT p95 {level['ttft_p95_s'] * 1e3:.0f} ms, {level['errors']} errors", flush=True)
+        print(f"concurrency {c}: {level['output_tok_s']:.1f} output tok/s, TTFT p95 {level['ttft_p95_s'] * 1e3:.0f} ms, "
+              f"{level['errors']} errors", flush=True)
     return levels
 
 

@@ -53,9 +53,28 @@ class RunningServer:
 def ours(model_dir: Path, slots: int, device: str) -> ServerSpec:
     return ServerSpec(
         "nanogpt-mlx",
-        [sys.executable, "-m", "nanogpt_mlx", "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", "{port}",
-         "--max-batch", str(slots), "--max-queue", str(max(256, 4 * slots)), "--device", device, "--log-level", "warning",
-         "--access-log", "off"],
+        [
+            sys.executable,
+            "-m",
+            "nanogpt_mlx",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "{port}",
+            "--max-batch",
+            str(slots),
+            "--max-queue",
+            str(max(256, 4 * slots)),
+            "--device",
+            device,
+            "--log-level",
+            "warning",
+            "--access-log",
+            "off",
+        ],
     )
 
 
@@ -63,16 +82,46 @@ def llama_server(binary: Path, gguf: Path, slots: int, context_per_slot: int, de
     # -c is the whole KV cache, shared by the -np slots; -t the threads (all cores, as ours uses).
     return ServerSpec(
         "llama-server",
-        [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", "{port}", "-c", str(slots * context_per_slot),
-         "-np", str(slots), "-t", str(os.cpu_count() or 1), "-ngl", "999" if device == "gpu" else "0"],
+        [
+            str(binary),
+            "-m",
+            str(gguf),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "{port}",
+            "-c",
+            str(slots * context_per_slot),
+            "-np",
+            str(slots),
+            "-t",
+            str(os.cpu_count() or 1),
+            "-ngl",
+            "999" if device == "gpu" else "0",
+        ],
     )
 
 
 def mlx_lm_server(model_dir: Path, slots: int) -> ServerSpec:
     return ServerSpec(
         "mlx_lm.server",
-        [sys.executable, "-c", MLX_LM_LAUNCHER, "--model", str(model_dir), "--host", "127.0.0.1", "--port", "{port}",
-         "--decode-concurrency", str(slots), "--prompt-concurrency", str(slots), "--log-level", "WARNING"],
+        [
+            sys.executable,
+            "-c",
+            MLX_LM_LAUNCHER,
+            "--model",
+            str(model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "{port}",
+            "--decode-concurrency",
+            str(slots),
+            "--prompt-concurrency",
+            str(slots),
+            "--log-level",
+            "WARNING",
+        ],
     )
 
 

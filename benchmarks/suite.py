@@ -95,11 +95,36 @@ class Sizes:
     @classmethod
     def smoke(cls) -> Sizes:
         """Every code path in seconds: a tiny model, 2-3 runs of everything."""
-        return cls(runs=2, warmup=1, rounds=1, forward_batch=2, forward_seq=32, prompt_tokens=8, gen_tokens=8, prefill_tokens=32,
-                   train_batch=2, train_seq=32, train_steps=2, eval_batch=2, eval_seq=32, eval_runs=2, decode_rows=[1, 4],
-                   decode_position=16, decode_steps=3, batched_prefill_rows=4, batched_prefill_tokens=8, levels=[1, 2], max_tokens=8,
-                   requests_per_client=1, min_requests=2, greedy_tokens=8, bandwidth_n=1024, gemm_sizes=[256], limit_runs=2,
-                   model=dict(SMOKE_MODEL))
+        return cls(
+            runs=2,
+            warmup=1,
+            rounds=1,
+            forward_batch=2,
+            forward_seq=32,
+            prompt_tokens=8,
+            gen_tokens=8,
+            prefill_tokens=32,
+            train_batch=2,
+            train_seq=32,
+            train_steps=2,
+            eval_batch=2,
+            eval_seq=32,
+            eval_runs=2,
+            decode_rows=[1, 4],
+            decode_position=16,
+            decode_steps=3,
+            batched_prefill_rows=4,
+            batched_prefill_tokens=8,
+            levels=[1, 2],
+            max_tokens=8,
+            requests_per_client=1,
+            min_requests=2,
+            greedy_tokens=8,
+            bandwidth_n=1024,
+            gemm_sizes=[256],
+            limit_runs=2,
+            model=dict(SMOKE_MODEL),
+        )
 
 
 class WorkerError(RuntimeError):
@@ -114,9 +139,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", choices=["auto", "cpu", "gpu"], default="cpu", help="where MLX runs (gpu: Metal / CUDA)")
     g.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<machine-id>/)")
     g.add_argument("--smoke", action="store_true", help="a tiny model and 2 runs of everything: checks the suite, measures nothing")
-    g.add_argument("--cache", type=Path, help="where the random weights and GGUF files are kept between runs (default: ~/.cache/nanogpt-mlx/bench)")
-    g.add_argument("--checkpoint", type=Path, help="the trained checkpoint the peers' greedy output is checked on (default: the bundled one)")
-    g.add_argument("--update-readme", action="store_true", help="afterwards, rewrite README.md's generated performance section from these results")
+    g.add_argument(
+        "--cache", type=Path, help="where the random weights and GGUF files are kept between runs (default: ~/.cache/nanogpt-mlx/bench)"
+    )
+    g.add_argument(
+        "--checkpoint", type=Path, help="the trained checkpoint the peers' greedy output is checked on (default: the bundled one)"
+    )
+    g.add_argument(
+        "--update-readme", action="store_true", help="afterwards, rewrite README.md's generated performance section from these results"
+    )
     for f in fields(Sizes):
         if f.name == "model":
             continue
@@ -188,25 +219,41 @@ def check_peers(wanted: list[str], device: str) -> dict[str, dict]:
             if device == "gpu":
                 listed = subprocess.run([str(binary), "--list-devices"], capture_output=True, text=True, timeout=60)
                 if not any(k in listed.stdout + listed.stderr for k in ("CUDA", "Metal", "MTL")):
-                    entry = {"status": "skipped", "reason": "this llama-server was built without Metal / CUDA (rebuild: bench build-llama-server --cuda)"}
+                    entry = {
+                        "status": "skipped",
+                        "reason": "this llama-server was built without Metal / CUDA (rebuild: bench build-llama-server --cuda)",
+                    }
             out[name] = entry
         elif name == "mlx-lm":
             if importlib.util.find_spec("mlx_lm") is None:
                 out[name] = {"status": "skipped", "reason": "mlx-lm is not installed (pip install 'nanogpt-mlx[bench]')"}
             else:
-                out[name] = {"status": "ready", "version": versions.get("mlx-lm", "?"),
-                             "how": "with nanogpt-mlx's CPU runtime prepared (BLAS, FTZ/DAZ, malloc); its GPT-2 ties the LM head to the embedding"}
+                out[name] = {
+                    "status": "ready",
+                    "version": versions.get("mlx-lm", "?"),
+                    "how": "with nanogpt-mlx's CPU runtime prepared (BLAS, FTZ/DAZ, malloc); its GPT-2 ties the LM head to the embedding",
+                }
         elif name == "transformers":
             missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
             if missing:
                 out[name] = {"status": "skipped", "reason": f"{' and '.join(missing)} not installed (pip install torch transformers)"}
                 continue
-            out[name] = {"status": "ready", "version": f"transformers {versions.get('transformers', '?')}, torch {versions.get('torch', '?')}",
-                         "how": "a plain process (no nanogpt-mlx runtime), fp32, torch's default threads"}
+            out[name] = {
+                "status": "ready",
+                "version": f"transformers {versions.get('transformers', '?')}, torch {versions.get('torch', '?')}",
+                "how": "a plain process (no nanogpt-mlx runtime), fp32, torch's default threads",
+            }
             if device == "gpu":
-                probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available() or "
-                                        "(getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()))"],
-                                       capture_output=True, text=True)
+                probe = subprocess.run(
+                    [
+                        sys.executable,
+                        "-c",
+                        "import torch; print(torch.cuda.is_available() or "
+                        "(getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()))",
+                    ],
+                    capture_output=True,
+                    text=True,
+                )
                 if probe.stdout.strip() != "True":
                     out[name] = {"status": "skipped", "reason": "torch has no CUDA or MPS device here"}
     return out
@@ -314,11 +361,20 @@ class Suite:
     def training(self) -> None:
         s = self.sizes
         with self.step("training and evaluation"):
-            out = run_worker("ours_training", {
-                "model_dir": str(self.model_dir), "device": self.device, "warmup": min(s.warmup, 1) if s.train_steps else 0,
-                "train_batch": s.train_batch, "train_seq": s.train_seq, "train_steps": s.train_steps,
-                "eval_batch": s.eval_batch, "eval_seq": s.eval_seq, "eval_runs": s.eval_runs,
-            })
+            out = run_worker(
+                "ours_training",
+                {
+                    "model_dir": str(self.model_dir),
+                    "device": self.device,
+                    "warmup": min(s.warmup, 1) if s.train_steps else 0,
+                    "train_batch": s.train_batch,
+                    "train_seq": s.train_seq,
+                    "train_steps": s.train_steps,
+                    "eval_batch": s.eval_batch,
+                    "eval_seq": s.eval_seq,
+                    "eval_runs": s.eval_runs,
+                },
+            )
         self.results["training"] = {
             "params": out["params"],
             "size_fp32_mb": out["size_float32_bytes"] / 1e6,
@@ -332,26 +388,42 @@ class Suite:
     def engine(self) -> None:
         s = self.sizes
         with self.step("engine (ModelRunner)"):
-            out = run_worker("ours_engine", {
-                "model_dir": str(self.model_dir), "device": self.device, "warmup": s.warmup, "runs": s.runs,
-                "decode_rows": s.decode_rows, "decode_position": s.decode_position, "decode_steps": s.decode_steps,
-                "prefill_tokens": s.prefill_tokens, "batched_prefill_rows": s.batched_prefill_rows,
-                "batched_prefill_tokens": s.batched_prefill_tokens,
-            })
+            out = run_worker(
+                "ours_engine",
+                {
+                    "model_dir": str(self.model_dir),
+                    "device": self.device,
+                    "warmup": s.warmup,
+                    "runs": s.runs,
+                    "decode_rows": s.decode_rows,
+                    "decode_position": s.decode_position,
+                    "decode_steps": s.decode_steps,
+                    "prefill_tokens": s.prefill_tokens,
+                    "batched_prefill_rows": s.batched_prefill_rows,
+                    "batched_prefill_tokens": s.batched_prefill_tokens,
+                },
+            )
         self.results["engine"] = {
-            "decode": {rows: {"tok_s": stats.rate_summary(int(rows), t), "step_ms": stats.summarize([1e3 * x for x in t])}
-                       for rows, t in out["decode_s"].items()},
-            "prefill": {"tok_s": stats.rate_summary(s.prefill_tokens, out["prefill_s"]),
-                        "ms": stats.summarize([1e3 * x for x in out["prefill_s"]])},
-            "batched_prefill": {"tok_s": stats.rate_summary(s.batched_prefill_rows * s.batched_prefill_tokens, out["batched_prefill_s"]),
-                                "ms": stats.summarize([1e3 * x for x in out["batched_prefill_s"]])},
+            "decode": {
+                rows: {"tok_s": stats.rate_summary(int(rows), t), "step_ms": stats.summarize([1e3 * x for x in t])}
+                for rows, t in out["decode_s"].items()
+            },
+            "prefill": {
+                "tok_s": stats.rate_summary(s.prefill_tokens, out["prefill_s"]),
+                "ms": stats.summarize([1e3 * x for x in out["prefill_s"]]),
+            },
+            "batched_prefill": {
+                "tok_s": stats.rate_summary(s.batched_prefill_rows * s.batched_prefill_tokens, out["batched_prefill_s"]),
+                "ms": stats.summarize([1e3 * x for x in out["batched_prefill_s"]]),
+            },
         }
 
     def limits(self) -> None:
         s = self.sizes
         with self.step("limits"):
-            out = run_worker("limits", {"device": self.device, "bandwidth_n": s.bandwidth_n, "gemm_sizes": s.gemm_sizes,
-                                        "limit_runs": s.limit_runs})
+            out = run_worker(
+                "limits", {"device": self.device, "bandwidth_n": s.bandwidth_n, "gemm_sizes": s.gemm_sizes, "limit_runs": s.limit_runs}
+            )
         gemv = out["bandwidth_bytes"] / min(out["gemv_s"]) / 1e9
         numpy_gemv = out["bandwidth_bytes"] / min(out["numpy_gemv_s"]) / 1e9
         gemm = {n: 2 * int(n) ** 3 / min(t) / 1e9 for n, t in out["gemm"].items()}
@@ -373,7 +445,9 @@ class Suite:
         specs = [srv.ours(self.model_dir, slots, self.device)]
         if "peers" in self.sections:
             if self.ready("llama-server") and self.gguf:
-                specs.append(srv.llama_server(Path(self.peers["llama-server"]["binary"]), self.gguf, slots, s.model["block_size"], self.device))
+                specs.append(
+                    srv.llama_server(Path(self.peers["llama-server"]["binary"]), self.gguf, slots, s.model["block_size"], self.device)
+                )
             if self.ready("mlx-lm") and self.mlx_lm_dir:
                 specs.append(srv.mlx_lm_server(self.mlx_lm_dir, slots))
         peer_of = {"llama-server": "llama-server", "mlx_lm.server": "mlx-lm"}
@@ -405,8 +479,10 @@ class Suite:
                             pooled[k].extend(v)
                         rounds[name].setdefault(str(c), []).append(level)
                         if level["errors"]:
-                            self.note(f"{name} at {c} clients: {level['errors']} of {level['requests']} requests failed "
-                                      f"(e.g. {level['error_examples'][:1]})")
+                            self.note(
+                                f"{name} at {c} clients: {level['errors']} of {level['requests']} requests failed "
+                                f"(e.g. {level['error_examples'][:1]})"
+                            )
         for name, by_level in rounds.items():
             entry = {"levels": {}}
             for c, runs in by_level.items():
@@ -426,7 +502,8 @@ class Suite:
         ours = results["servers"]["nanogpt-mlx"]["levels"]
         results["ratios"] = {
             name: {c: {k: _ratio(lv["median"][k], ours[c]["median"][k]) for k in lv["median"]} for c, lv in entry["levels"].items()}
-            for name, entry in results["servers"].items() if name != "nanogpt-mlx"
+            for name, entry in results["servers"].items()
+            if name != "nanogpt-mlx"
         }
         self.results["server"] = results
 
@@ -454,8 +531,10 @@ class Suite:
                     tied = {**params, "model_dir": str(variant)}
                     ours_tied = run_worker("ours_greedy", tied)["continuations"]
                     theirs = run_worker("mlx_lm_greedy", tied)["continuations"]
-                    checks["peers"]["mlx-lm"] = {**compare_tokens(ours_tied, theirs),
-                                                 "note": "on the checkpoint with its LM head tied to the embedding (mlx-lm's GPT-2), ours on the same"}
+                    checks["peers"]["mlx-lm"] = {
+                        **compare_tokens(ours_tied, theirs),
+                        "note": "on the checkpoint with its LM head tied to the embedding (mlx-lm's GPT-2), ours on the same",
+                    }
                 except WorkerError as exc:
                     self.peer_failed("mlx-lm", exc)
         if self.ready("llama-server"):
@@ -490,20 +569,22 @@ class Suite:
         from tqdm import tqdm
 
         started = time.time()
-        self.results.update({
-            "schema": SCHEMA,
-            "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine_id": machine_id(self.device),
-            "machine": describe_machine(),
-            "device": self.device,
-            "smoke": bool(self.args.smoke),
-            "sections": self.sections,
-            "sizes": asdict(self.sizes),
-            "default_sizes": asdict(Sizes()) == asdict(self.sizes),
-            "card_reference": CARD,
-            "peers": self.peers,
-            "load_average_before": load_average(),
-        })
+        self.results.update(
+            {
+                "schema": SCHEMA,
+                "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "machine_id": machine_id(self.device),
+                "machine": describe_machine(),
+                "device": self.device,
+                "smoke": bool(self.args.smoke),
+                "sections": self.sections,
+                "sizes": asdict(self.sizes),
+                "default_sizes": asdict(Sizes()) == asdict(self.sizes),
+                "card_reference": CARD,
+                "peers": self.peers,
+                "load_average_before": load_average(),
+            }
+        )
         for name, peer in self.peers.items():
             if peer["status"] == "skipped" and "not selected" not in peer["reason"]:
                 self.note(f"{name} skipped: {peer['reason']}")
@@ -599,7 +680,9 @@ def compare_text(reference: list[dict], texts: list[str]) -> dict:
                 break
             prefix += piece
             agree += 1
-        prompts.append({"prompt": ours["prompt"], "agree_tokens": agree, "of": len(ours["pieces"]), "ours": "".join(ours["pieces"]), "theirs": text})
+        prompts.append(
+            {"prompt": ours["prompt"], "agree_tokens": agree, "of": len(ours["pieces"]), "ours": "".join(ours["pieces"]), "theirs": text}
+        )
     return {"prompts": prompts, "all_agree": all(p["agree_tokens"] == p["of"] for p in prompts)}
 
 
@@ -615,8 +698,9 @@ def ensure_gguf(model_dir: Path, out_dir: Path) -> Path:
     path = out_dir / gguf_file_name("f32")
     if not path.is_file():
         # its own process: the tensors' memory goes back to the system when it ends
-        proc = subprocess.run([sys.executable, "-m", "nanogpt_mlx.benchmarks.gguf_export", str(model_dir), str(out_dir)],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "nanogpt_mlx.benchmarks.gguf_export", str(model_dir), str(out_dir)], capture_output=True, text=True
+        )
         if proc.returncode != 0:
             raise WorkerError(f"writing the GGUF failed: {proc.stderr[-2000:]}")
     return path

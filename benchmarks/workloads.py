@@ -18,11 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import nanogpt_mlx  # noqa: F401  (before mlx.core: BLAS, FTZ/DAZ, malloc)
-from nanogpt_mlx.benchmarks.internals import select_device
+import mlx.core as mx  # the package nanogpt_mlx (this module's parent) has prepared the runtime already
+import numpy as np
 
-import mlx.core as mx  # noqa: E402  (after the runtime is prepared)
-import numpy as np  # noqa: E402
+from nanogpt_mlx.benchmarks.internals import select_device
 
 VOCAB_DRAW = 50257  # random token ids are drawn below the GPT-2 vocabulary
 
@@ -170,9 +169,8 @@ def mlx_lm_inference(p: dict) -> dict:
     prompt = mx.array(_prompt(p, vocab))
 
     def generate() -> None:
-        produced = 0
-        for token, _ in generate_step(prompt, model, max_tokens=p["gen_tokens"]):  # default sampler: argmax
-            produced += 1
+        steps = generate_step(prompt, model, max_tokens=p["gen_tokens"])  # default sampler: argmax
+        produced = sum(1 for _ in steps)
         if produced != p["gen_tokens"]:
             raise RuntimeError(f"mlx-lm generated {produced} of {p['gen_tokens']} tokens")
 
@@ -237,20 +235,23 @@ def mlx_lm_variant(p: dict) -> dict:
 
 
 # --- the machine's limits --------------------------------------------------------------------
+def _gemv_times(n: int, runs: int) -> tuple[list[float], list[float]]:
+    """Seconds of (1, n) @ (n, n) in MLX and in NumPy (its own BLAS, the other library in the process)."""
+    matrix = mx.random.normal((n, n))
+    vector = mx.random.normal((1, n))
+    mx.eval(matrix, vector)
+    mlx_times = _timed(lambda: mx.eval(vector @ matrix), runs, 2)
+    host, row = np.asarray(matrix), np.asarray(vector)
+    return mlx_times, _timed(lambda: row @ host, runs, 2)
+
+
 def limits(p: dict) -> dict:
     """Memory read bandwidth (a matrix-vector product that streams a large matrix, as a decode step
     streams the weights) and fp32 GEMM peak (large square products), best of several runs."""
     device = select_device(p["device"])
     n = p["bandwidth_n"]
-    matrix = mx.random.normal((n, n))
-    vector = mx.random.normal((1, n))
-    mx.eval(matrix, vector)
-    gemv = _timed(lambda: mx.eval(vector @ matrix), p["limit_runs"], 2)
-    out = {"device": device, "bandwidth_bytes": 4 * n * n, "gemv_s": gemv}
-    host = np.asarray(matrix)  # NumPy's own BLAS, the other library in the process
-    row = np.asarray(vector)
-    out["numpy_gemv_s"] = _timed(lambda: row @ host, p["limit_runs"], 2)
-    del matrix, host
+    out = {"device": device, "bandwidth_bytes": 4 * n * n}
+    out["gemv_s"], out["numpy_gemv_s"] = _gemv_times(n, p["limit_runs"])
     out["gemm"] = {}
     for size in p["gemm_sizes"]:
         a = mx.random.normal((size, size))

@@ -13,8 +13,8 @@ import struct
 
 import numpy as np
 import pytest
-
 from conftest import cli_env
+
 from nanogpt_mlx.benchmarks.machine import machine_id
 
 SECTIONS = ["card", "engine", "server", "peers", "limits"]
@@ -150,13 +150,19 @@ def test_gguf_writer_follows_llama_cpp_gpt2_layout(tiny_checkpoint, tmp_path):
     config = json.loads((tiny_checkpoint / "config.json").read_text())
     assert len(tensors) == len(hf)  # every tensor, the separate head as output.weight
     for i in range(config["n_layer"]):
-        for hf_name, g_name in (("attn.c_attn", "attn_qkv"), ("attn.c_proj", "attn_output"), ("mlp.c_fc", "ffn_up"), ("mlp.c_proj", "ffn_down")):
+        for hf_name, g_name in (
+            ("attn.c_attn", "attn_qkv"),
+            ("attn.c_proj", "attn_output"),
+            ("mlp.c_fc", "ffn_up"),
+            ("mlp.c_proj", "ffn_down"),
+        ):
             data = np.asarray(tensors[f"blk.{i}.{g_name}.weight"].data).reshape(hf[f"transformer.h.{i}.{hf_name}.weight"].T.shape)
             np.testing.assert_array_equal(data, hf[f"transformer.h.{i}.{hf_name}.weight"].T)  # Conv1D (in, out) -> (out, in)
         np.testing.assert_array_equal(np.asarray(tensors[f"blk.{i}.attn_norm.bias"].data), hf[f"transformer.h.{i}.ln_1.bias"])
     np.testing.assert_array_equal(np.asarray(tensors["output.weight"].data).reshape(hf["lm_head.weight"].shape), hf["lm_head.weight"])
-    np.testing.assert_array_equal(np.asarray(tensors["token_embd.weight"].data).reshape(hf["transformer.wte.weight"].shape),
-                                  hf["transformer.wte.weight"])
+    np.testing.assert_array_equal(
+        np.asarray(tensors["token_embd.weight"].data).reshape(hf["transformer.wte.weight"].shape), hf["transformer.wte.weight"]
+    )
 
     fields = reader.fields
     assert bytes(fields["general.architecture"].parts[-1]).decode() == "gpt2"
