@@ -447,10 +447,15 @@ def server_section(results: dict) -> list[str]:
 
 def greedy_section(results: dict) -> list[str]:
     g = results["greedy_check"]
+    checkpoint = Path(g["checkpoint"])
+    if checkpoint.is_relative_to(REPO):
+        checkpoint = checkpoint.relative_to(REPO)
+    elif checkpoint.is_relative_to(Path.home()):
+        checkpoint = "~" / checkpoint.relative_to(Path.home())
     out = [
         "## Greedy agreement with ours",
         "",
-        f"The same checkpoint ({g['checkpoint']}), {g['tokens']} greedy tokens after each prompt; how many leading tokens equal ours. "
+        f"The same checkpoint ({checkpoint}), {g['tokens']} greedy tokens after each prompt; how many leading tokens equal ours. "
         "llama.cpp's and mlx-lm's GPT-2 use the tanh GELU where ours (and transformers') is the exact erf one, so they may part "
         "where two tokens are nearly tied.",
         "",

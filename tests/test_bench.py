@@ -173,3 +173,13 @@ def test_gguf_writer_follows_llama_cpp_gpt2_layout(tiny_checkpoint, tmp_path):
     assert int(fields["tokenizer.ggml.eos_token_id"].parts[-1][0]) == 50256
     token = fields["tokenizer.ggml.tokens"]
     assert bytes(token.parts[token.data[50256]]).decode() == "<|endoftext|>"
+
+
+def test_device_gpu_without_one_is_a_clear_error(run_cli, tmp_path):
+    import mlx.core as mx
+
+    if mx.is_available(mx.gpu):
+        pytest.skip("this machine has a GPU: `--device gpu` would run")
+    proc = run_cli("bench", "--device", "gpu", "--smoke", "--out", tmp_path)
+    assert proc.returncode == 2 and "no Metal or CUDA device" in proc.stderr
+    assert not (tmp_path / "results.json").exists()
