@@ -183,3 +183,29 @@ def test_device_gpu_without_one_is_a_clear_error(run_cli, tmp_path):
     proc = run_cli("bench", "--device", "gpu", "--smoke", "--out", tmp_path)
     assert proc.returncode == 2 and "no Metal or CUDA device" in proc.stderr
     assert not (tmp_path / "results.json").exists()
+
+
+def test_limits_arithmetic_for_the_card_shape(full_config):
+    from nanogpt_mlx.benchmarks.report import derive_limits, model_costs
+    from nanogpt_mlx.benchmarks.suite import CARD_MODEL, Sizes
+
+    costs = model_costs(CARD_MODEL)
+    params = 52_990_464
+    embeddings = full_config.vocab_size * full_config.n_embd + full_config.block_size * full_config.n_embd
+    assert costs["weight_bytes"] == 4 * (params - embeddings)  # what a decode step reads: everything but the gathered embeddings
+    sizes = Sizes()
+    summary = {"n": 1, "median": 100.0}
+    results = {
+        "sizes": {**sizes.__dict__},
+        "limits": {"bandwidth_gb_s": 20.0, "gemm_gflops": 100.0},
+        "inference": {"ours": {"generation_tok_s": summary, "forward_tok_s": summary}},
+    }
+    rows = {r["figure"]: r for r in derive_limits(results)}
+    gen = rows["generation 50+100, batch 1"]
+    kv = 2 * 8 * 100 * 384 * 4  # keys and values of 100 positions, 8 layers, fp32
+    assert gen["bytes_per_token"] == costs["weight_bytes"] + kv
+    assert gen["pct_of_bandwidth"] == pytest.approx(100 * 100.0 * gen["bytes_per_token"] / 20e9)
+    fwd = rows["forward 8x512"]
+    matmuls = 8 * (4 * 384 * 384 + 2 * 384 * 1536) + 384 * 50257
+    assert fwd["flops_per_token"] == pytest.approx(2 * matmuls + 4 * 8 * 384 * 512)
+    assert fwd["bound"] == "compute" and gen["bound"] == "memory"
