@@ -108,7 +108,7 @@ def derive_limits(results: dict) -> list[dict]:
     engine = results.get("engine")
     if engine:
         for n, fig in engine["decode"].items():
-            add(f"engine decode, {n} rows", "ours", fig["tok_s"], decode(int(n), s["decode_position"]), "decode")
+            add(f"engine decode, {n} row{'' if n == '1' else 's'}", "ours", fig["tok_s"], decode(int(n), s["decode_position"]), "decode")
         add(
             f"engine batched prefill {s['batched_prefill_rows']}x{s['batched_prefill_tokens']}",
             "ours",
@@ -335,12 +335,14 @@ def markdown(results: dict) -> str:
         out += [
             "## Limits",
             "",
-            f"Measured: memory read bandwidth **{lim['bandwidth_gb_s']:.1f} GB/s** (the faster of MLX's and NumPy's matrix-vector product "
-            f"over a {s['bandwidth_n']}² fp32 matrix: {lim['bandwidth_mlx_gemv_gb_s']:.1f} / {lim['bandwidth_numpy_gemv_gb_s']:.1f}), "
-            f"fp32 GEMM peak **{lim['gemm_gflops']:.0f} GFLOP/s** (best of square products, sizes "
-            f"{', '.join(lim['gemm_gflops_by_size'])}). Each figure as a share of what the bandwidth (bytes per token) and the "
-            "GEMM peak (FLOPs per token) allow; the smaller ceiling is the one that binds (definitions: "
-            "benchmarks/report.py, `derive_limits`).",
+            f"Measured: memory read bandwidth **{lim['bandwidth_gb_s']:.1f} GB/s** (the fastest matrix-vector product "
+            f"over a {s['bandwidth_n']}² fp32 matrix; "
+            + ", ".join(f"{lib} {v:.1f}" for lib, v in lim["bandwidth_gb_s_by_library"].items())
+            + f"), fp32 GEMM peak **{lim['gemm_gflops']:.0f} GFLOP/s** (the fastest square product; "
+            + ", ".join(f"{k}³ {v:.0f}" for k, v in lim["gemm_gflops_by_size"].items())
+            + "). Each figure as a share of what the bandwidth (bytes per token) and the GEMM peak (FLOPs per token) allow; "
+            "the smaller ceiling is the one that binds (definitions: benchmarks/report.py, `derive_limits`). The peak is what "
+            "this process's BLAS libraries reach: a peer with kernels of its own can exceed it.",
             "",
         ]
         rows = [
@@ -377,8 +379,10 @@ def _default_sizes() -> dict:
 def peers_section(results: dict) -> list[str]:
     rows = []
     for name, p in results["peers"].items():
-        detail = p.get("reason") if p["status"] != "ready" else "; ".join(x for x in (p.get("version"), p.get("how")) if x)
-        rows.append([name, p["status"].replace("ready", "measured"), detail or ""])
+        detail = (
+            stats.one_line(p.get("reason", "")) if p["status"] != "ready" else "; ".join(x for x in (p.get("version"), p.get("how")) if x)
+        )
+        rows.append([name, p["status"].replace("ready", "measured"), (detail or "").replace("|", "\\|")])
     return ["## Peers", "", table(["peer", "status", "version / how, or why not"], rows), ""]
 
 

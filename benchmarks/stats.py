@@ -47,5 +47,19 @@ def relative_spread(summary: dict) -> float:
     return (summary["p75"] - summary["p25"]) / summary["median"]
 
 
+def one_line(text: str, limit: int = 300) -> str:
+    """The line of an error message worth showing in a table: for a traceback, what precedes it and its last line."""
+    marker = "Traceback (most recent call last)"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    if marker in text:
+        head = text.split(marker)[0].strip().rstrip(":")
+        line = f"{head}: {lines[-1]}" if head else lines[-1]
+    else:
+        line = lines[0]
+    return line[:limit]
+
+
 def finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)

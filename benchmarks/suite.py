@@ -288,7 +288,7 @@ class Suite:
 
     def peer_failed(self, peer: str, exc: Exception) -> None:
         self.peers[peer] = {**self.peers[peer], "status": "failed", "reason": str(exc)[-1500:]}
-        self.note(f"{peer} failed: {str(exc).splitlines()[0][:300]}")
+        self.note(f"{peer} failed: {stats.one_line(str(exc))}")
 
     # the weights ------------------------------------------------------------------------------
     def prepare_weights(self) -> None:
@@ -424,13 +424,11 @@ class Suite:
             out = run_worker(
                 "limits", {"device": self.device, "bandwidth_n": s.bandwidth_n, "gemm_sizes": s.gemm_sizes, "limit_runs": s.limit_runs}
             )
-        gemv = out["bandwidth_bytes"] / min(out["gemv_s"]) / 1e9
-        numpy_gemv = out["bandwidth_bytes"] / min(out["numpy_gemv_s"]) / 1e9
-        gemm = {n: 2 * int(n) ** 3 / min(t) / 1e9 for n, t in out["gemm"].items()}
+        bandwidth = {lib: out["bandwidth_bytes"] / min(t) / 1e9 for lib, t in out["gemv_s"].items()}
+        gemm = {f"{lib} {n}": 2 * int(n) ** 3 / min(t) / 1e9 for n, by_lib in out["gemm_s"].items() for lib, t in by_lib.items()}
         self.results["limits"] = {
-            "bandwidth_gb_s": max(gemv, numpy_gemv),
-            "bandwidth_mlx_gemv_gb_s": gemv,
-            "bandwidth_numpy_gemv_gb_s": numpy_gemv,
+            "bandwidth_gb_s": max(bandwidth.values()),
+            "bandwidth_gb_s_by_library": bandwidth,
             "gemm_gflops": max(gemm.values()),
             "gemm_gflops_by_size": gemm,
         }

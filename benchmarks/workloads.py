@@ -235,29 +235,29 @@ def mlx_lm_variant(p: dict) -> dict:
 
 
 # --- the machine's limits --------------------------------------------------------------------
-def _gemv_times(n: int, runs: int) -> tuple[list[float], list[float]]:
-    """Seconds of (1, n) @ (n, n) in MLX and in NumPy (its own BLAS, the other library in the process)."""
-    matrix = mx.random.normal((n, n))
-    vector = mx.random.normal((1, n))
-    mx.eval(matrix, vector)
-    mlx_times = _timed(lambda: mx.eval(vector @ matrix), runs, 2)
-    host, row = np.asarray(matrix), np.asarray(vector)
-    return mlx_times, _timed(lambda: row @ host, runs, 2)
+def _product_times(m: int, k: int, n: int, runs: int, host: bool) -> dict[str, list[float]]:
+    """Seconds of an (m, k) @ (k, n) fp32 product in MLX and, with `host`, in NumPy (its own BLAS)."""
+    a = mx.random.normal((m, k))
+    b = mx.random.normal((k, n))
+    mx.eval(a, b)
+    times = {"mlx": _timed(lambda: mx.eval(a @ b), runs, 2)}
+    if host:
+        a_host, b_host = np.asarray(a), np.asarray(b)
+        times["numpy"] = _timed(lambda: a_host @ b_host, runs, 2)
+    return times
 
 
 def limits(p: dict) -> dict:
     """Memory read bandwidth (a matrix-vector product that streams a large matrix, as a decode step
-    streams the weights) and fp32 GEMM peak (large square products), best of several runs."""
+    streams the weights) and fp32 GEMM peak (large square products), best of several runs, through
+    MLX's matmul and (on the CPU) NumPy's: the process's two BLAS libraries."""
     device = select_device(p["device"])
     n = p["bandwidth_n"]
-    out = {"device": device, "bandwidth_bytes": 4 * n * n}
-    out["gemv_s"], out["numpy_gemv_s"] = _gemv_times(n, p["limit_runs"])
-    out["gemm"] = {}
+    host = device == "cpu"
+    gemv = _product_times(1, n, n, p["limit_runs"], host)
+    out = {"device": device, "bandwidth_bytes": 4 * n * n, "gemv_s": gemv, "gemm_s": {}}
     for size in p["gemm_sizes"]:
-        a = mx.random.normal((size, size))
-        b = mx.random.normal((size, size))
-        mx.eval(a, b)
-        out["gemm"][str(size)] = _timed(lambda: mx.eval(a @ b), p["limit_runs"], 1)  # noqa: B023
+        out["gemm_s"][str(size)] = _product_times(size, size, size, p["limit_runs"], host)
     return out
 
 
