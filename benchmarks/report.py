@@ -163,6 +163,23 @@ def hardware(results: dict) -> str:
     return f"{m['cpu']}, {m['cores']} cores" + (f", {vec}" if vec else "") + (" (GPU)" if results["device"] == "gpu" else "")
 
 
+BUSY_NOTE = (
+    "**Busy machine**: the 1-minute load average before or after the run exceeded half the {cores} cores, so other work "
+    "shared the CPU; figures vary with it (llama.cpp's spinning threads suffer most). Compare only figures of one run."
+)
+
+
+def load(la: list[float] | None) -> str:
+    return " / ".join(f"{x:.1f}" for x in la) if la else "–"
+
+
+def busy(results: dict) -> bool:
+    """Did other work share the CPU (1-minute load average above half the cores, before or after the run)?"""
+    cores = results["machine"]["cores"] or 1
+    loads = [la[0] for la in (results.get("load_average_before"), results.get("load_average_after")) if la]
+    return any(load > cores / 2 for load in loads)
+
+
 def card_rows(results: dict) -> list[dict]:
     """The card's table: figure, our summary, unit scale, the card's value."""
     s, card = results["sizes"], results["card_reference"]
@@ -207,7 +224,8 @@ def markdown(results: dict) -> str:
     elif not results.get("default_sizes"):
         changed = {k: v for k, v in s.items() if k != "model" and _default_sizes().get(k) != v}
         out += [f"Sizes differ from the defaults: {', '.join(f'{k}={v}' for k, v in changed.items())}.", ""]
-    la_b, la_a = results.get("load_average_before"), results.get("load_average_after")
+    if busy(results):
+        out += [BUSY_NOTE.format(cores=m["cores"]), ""]
     out += [
         "## Machine",
         "",
@@ -219,7 +237,10 @@ def markdown(results: dict) -> str:
                 ["memory", f"{m.get('memory_gb', '–')} GiB"],
                 ["BLAS", f"{m['blas']} ({m['blas_threads']} threads)"],
                 ["libraries", ", ".join(f"{k} {v}" for k, v in m.get("libraries", {}).items())],
-                ["load average (1/5/15 min) before / after", f"{la_b} / {la_a}"],
+                [
+                    "load average (1, 5, 15 min) before; after",
+                    f"{load(results.get('load_average_before'))}; {load(results.get('load_average_after'))}",
+                ],
             ],
         ),
         "",
@@ -644,9 +665,11 @@ def readme_section(results: dict, results_path: Path, readme: Path) -> str:
         "",
     ]
     preliminary = "" if results.get("default_sizes") else " Sizes differ from the defaults (a short run): see the report."
+    if busy(results):
+        preliminary += " Other work shared the CPU during the run (see the load average): the figures are rough."
     lines.append(
         f"Measured by `nanogpt-mlx bench` on {hw} ({results['device']}, {results['machine']['blas']} BLAS), {date}, load average "
-        f"{results.get('load_average_before')} before, {results.get('load_average_after')} after; "
+        f"{load(results.get('load_average_before'))} before, {load(results.get('load_average_after'))} after; "
         f"full report with every figure, spread, peer and plot: [{link}]({link}).{preliminary}"
     )
     lines.append("")
