@@ -50,11 +50,11 @@ def _sync(device) -> None:
 
 
 def _load(p: dict):
-    import torch
     from transformers import AutoModelForCausalLM
 
     device = _device(p["device"])
-    model = AutoModelForCausalLM.from_pretrained(p["model_dir"], dtype=torch.float32).to(device)
+    # .float() rather than a dtype argument: its name changed across transformers releases
+    model = AutoModelForCausalLM.from_pretrained(p["model_dir"]).float().to(device)
     model.eval()
     return model, device
 

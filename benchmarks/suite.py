@@ -301,13 +301,19 @@ class Suite:
                 run_worker("save_random", {"config": s.model, "seed": 0, "out_dir": str(hf)})
         self.model_dir = hf
         self.gguf = self.mlx_lm_dir = None
-        need_servers = "peers" in self.sections
-        if need_servers and self.ready("llama-server"):
+        peers = "peers" in self.sections
+        if peers and self.ready("llama-server"):
             with self.step("GGUF"):
-                self.gguf = ensure_gguf(hf, base / "gguf-f32")
-        if "peers" in self.sections and self.ready("mlx-lm"):
+                try:
+                    self.gguf = ensure_gguf(hf, base / "gguf-f32")
+                except WorkerError as exc:
+                    self.peer_failed("llama-server", exc)
+        if peers and self.ready("mlx-lm"):
             with self.step("mlx-lm weights"):
-                self.mlx_lm_dir = ensure_mlx_lm_variant(hf, base / "mlx-lm")
+                try:
+                    self.mlx_lm_dir = ensure_mlx_lm_variant(hf, base / "mlx-lm")
+                except WorkerError as exc:
+                    self.peer_failed("mlx-lm", exc)
         self.results["weights"] = {"random": {"config": s.model, "seed": 0, "dir": str(hf)}}
 
     # sections ---------------------------------------------------------------------------------
