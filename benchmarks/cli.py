@@ -1,7 +1,9 @@
-"""`nanogpt-mlx bench NAME [ARGS...]`: run one of the benchmark scripts of this folder.
+"""`nanogpt-mlx bench [NAME] [ARGS...]`: the suite, its report, the llama-server build, or one benchmark script.
 
-Each benchmark keeps its own flags (`nanogpt-mlx bench serve --help`); this only dispatches, so
-`python -m nanogpt_mlx.benchmarks.serve_load ...` and `nanogpt-mlx bench serve ...` are the same.
+Without NAME (or with `suite`) it runs the suite (suite.py), whose flags the `bench` parser itself
+knows, so `nanogpt-mlx bench --smoke --out DIR` works. Every other NAME only dispatches: its
+flags go to that script, so `python -m nanogpt_mlx.benchmarks.serve_load ...` and
+`nanogpt-mlx bench serve ...` are the same.
 """
 
 from __future__ import annotations
@@ -9,6 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib
 
+COMMANDS = {
+    "suite": ("suite", "the whole suite (the default): card's table, engine, server, peers, limits -> benchmarks/results/<machine-id>/"),
+    "report": ("report", "redo report.md and plots from a results.json; --update-readme rewrites README.md's generated section"),
+    "build-llama-server": ("llama_cpp", "build llama.cpp's llama-server once into ~/.cache/nanogpt-mlx/llama.cpp/ (the suite's peer)"),
+}
 BENCHMARKS = {
     "decode": ("decode_speed", "batch-1 decode, 1x512 prefill, 8x512 forward; MKL vs stock BLAS"),
     "step": ("decode_step", "batched decode step at 1-32 rows: the LM head in NumPy vs in MLX, side by side"),
@@ -20,18 +27,28 @@ BENCHMARKS = {
 
 
 def register_cli(subparsers) -> None:
-    lines = "\n".join(f"  {name:17s} {text}" for name, (_, text) in BENCHMARKS.items())
+    from nanogpt_mlx.benchmarks.suite import add_arguments
+
+    lines = "\n".join(f"  {name:19s} {text}" for name, (_, text) in {**COMMANDS, **BENCHMARKS}.items())
     p = subparsers.add_parser(
         "bench",
-        help="run a benchmark (decode, step, serve, train, fast-ops, metrics-overhead)",
-        description=f"Run a benchmark; every argument after NAME goes to it.\n\n{lines}",
+        help="benchmarks: the suite (default), its report, the llama-server build, or one script",
+        description=f"Run the benchmark suite, or NAME with its own flags (NAME --help).\n\n{lines}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("name", choices=sorted(BENCHMARKS), metavar="NAME")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own flags (see NAME --help)")
+    p.add_argument("name", nargs="?", choices=sorted({**COMMANDS, **BENCHMARKS}), metavar="NAME", help="default: suite")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="NAME's own flags (see NAME --help)")
+    add_arguments(p)
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args) -> int:
-    module = importlib.import_module(f"nanogpt_mlx.benchmarks.{BENCHMARKS[args.name][0]}")
+    if args.name is None:
+        from nanogpt_mlx.benchmarks.suite import run_suite
+
+        out = run_suite(args)
+        print(f"wrote {out}/results.json, report.md and plots")
+        return 0
+    module_name = (COMMANDS.get(args.name) or BENCHMARKS[args.name])[0]
+    module = importlib.import_module(f"nanogpt_mlx.benchmarks.{module_name}")
     return int(module.main(args.args) or 0)

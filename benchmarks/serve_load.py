@@ -39,6 +39,8 @@ from pathlib import Path
 
 import httpx
 
+from nanogpt_mlx.benchmarks.stats import percentile
+
 PASSAGE = (
     "The library stood at the end of a long street, its windows bright against the evening. "
     "Inside, readers bent over old books while the clock above the door counted the hours"
@@ -61,7 +63,8 @@ def random_full_size_checkpoint(directory: Path) -> Path:
 
 
 def start_server(model_dir: Path, port: int, max_batch: int, extra: list[str], log_path: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "nanogpt_mlx", "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--max-batch", str(max_batch), "--log-level", "warning", *extra]
+    command = [sys.executable, "-m", "nanogpt_mlx", "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+               "--max-batch", str(max_batch), "--log-level", "warning", *extra]
     log = open(log_path, "w")
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
@@ -81,7 +84,8 @@ def wait_healthy(base_url: str, proc: subprocess.Popen, timeout: float = 120.0) 
 
 
 async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, temperature: float) -> dict:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
     sent = time.perf_counter()
     arrivals: list[float] = []
     tokens = 0
@@ -98,8 +102,8 @@ async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, t
                     break
                 chunk = json.loads(payload)
                 if "error" in chunk:
-                    return {"error": chunk["error"]["message"]}
-                if chunk["choices"]:
+                    return {"error": chunk["error"]["message"] if isinstance(chunk["error"], dict) else str(chunk["error"])}
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
                     arrivals.append(time.perf_counter())
                 if chunk.get("usage"):  # a usage-only chunk (OpenAI), or usage on the last chunk (llama-server)
                     tokens = chunk["usage"]["completion_tokens"]
@@ -107,19 +111,28 @@ async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, t
         return {"error": repr(exc)}
     if not arrivals:
         return {"error": "no tokens"}
-    return {"sent": sent, "arrivals": arrivals, "tokens": tokens, "done": time.perf_counter()}
+    # A server that reports no usage: one streamed chunk per token (the servers measured here stream token by token).
+    return {"sent": sent, "arrivals": arrivals, "tokens": tokens or len(arrivals), "done": time.perf_counter()}
 
 
-async def run_level(base_url: str, concurrency: int, per_client: int, max_tokens: int, temperature: float) -> dict:
+async def run_level(
+    base_url: str, concurrency: int, per_client: int, max_tokens: int, temperature: float, keep_samples: bool = False
+) -> dict:
+    """`concurrency` clients, each sending `per_client` streaming completions back to back (closed loop).
+
+    With `keep_samples` the result also holds every TTFT, inter-token gap and end-to-end time
+    (seconds) under "samples", for distributions.
+    """
     # Every prompt is new and differs from the others from its second token on: a server with a
     # prompt cache (llama-server reuses a slot's KV for a repeated prompt or prefix, then
     # evaluates 1 token instead of ~40) must not be measured on prompts it has already seen.
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=base_url, timeout=300, limits=limits) as client:
-        await one_request(client, "warm up " + PASSAGE, 8, temperature)
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
+        await one_request(client, f"warm up {secrets.token_hex(4)} " + PASSAGE, 8, temperature)
 
         async def worker(w: int) -> list[dict]:
-            return [await one_request(client, f"Request {secrets.token_hex(4)}-{w}-{i}. {PASSAGE}", max_tokens, temperature) for i in range(per_client)]
+            prompts = [f"Request {secrets.token_hex(4)}-{w}-{i}. {PASSAGE}" for i in range(per_client)]
+            return [await one_request(client, prompt, max_tokens, temperature) for prompt in prompts]
 
         started = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(worker(w) for w in range(concurrency))) for r in rs]
@@ -128,9 +141,10 @@ async def run_level(base_url: str, concurrency: int, per_client: int, max_tokens
     errors = [r["error"] for r in results if "error" in r]
     ttft = [r["arrivals"][0] - r["sent"] for r in ok]
     gaps = [b - a for r in ok for a, b in zip(r["arrivals"], r["arrivals"][1:])]
+    e2e = [r["done"] - r["sent"] for r in ok]
     tpot = [(r["arrivals"][-1] - r["arrivals"][0]) / (r["tokens"] - 1) for r in ok if r["tokens"] > 1]
     tokens = sum(r["tokens"] for r in ok)
-    return {
+    level = {
         "concurrency": concurrency,
         "requests": len(results),
         "errors": len(errors),
@@ -142,17 +156,13 @@ async def run_level(base_url: str, concurrency: int, per_client: int, max_tokens
         "ttft_p95_s": percentile(ttft, 95),
         "itl_p50_s": percentile(gaps, 50),
         "itl_p95_s": percentile(gaps, 95),
+        "e2e_p50_s": percentile(e2e, 50),
+        "e2e_p95_s": percentile(e2e, 95),
         "tpot_mean_s": statistics.fmean(tpot) if tpot else float("nan"),
     }
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+    if keep_samples:
+        level["samples"] = {"ttft_s": ttft, "itl_s": gaps, "e2e_s": e2e}
+    return level
 
 
 def print_table(levels: list[dict]) -> None:
@@ -173,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--server-arg", action="append", default=[], help="extra `serve` flag (repeatable), e.g. --server-arg=--prefill-chunk=128")
+    p.add_argument("--server-arg", action="append", default=[],
+                   help="extra `serve` flag (repeatable), e.g. --server-arg=--prefill-chunk=128")
     p.add_argument("--out", default="serve_load.json", help="where to write the JSON results")
     p.add_argument("--url", help="load this already-running OpenAI-compatible server instead of starting `serve`")
     args = p.parse_args(argv)
@@ -207,7 +218,8 @@ def run_levels(base_url: str, args) -> list[dict]:
     for c in args.concurrency:
         level = asyncio.run(run_level(base_url, c, args.requests_per_client, args.max_tokens, args.temperature))
         levels.append(level)
-        print(f"concurrency {c}: {level['output_tok_s']:.1f} output tok/s, TTFT p95 {level['ttft_p95_s'] * 1e3:.0f} ms, {level['errors']} errors", flush=True)
+        print(f"concurrency {c}: {level['output_tok_s']:.1f} output tok/s, TTFT p95 {level['ttft_p95_s'] * 1e3:.0f} ms, "
+              f"{level['errors']} errors", flush=True)
     return levels
 
 

@@ -87,6 +87,7 @@ def measure(batch: int, seq_len: int, steps: int, warmup: int, grad_accum: int =
         "params": model.num_params(),
         "step_s_median": round(median, 3),
         "step_s_min": round(min(times), 3),
+        "step_s_all": times,
         "tok_per_s": round(tokens / median, 1),
         "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 2),
     }

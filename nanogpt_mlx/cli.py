@@ -13,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-from nanogpt_mlx.errors import UserError  # printed as `error: ...` with exit code 2; the commands import it from here
+from nanogpt_mlx.errors import UserError  # noqa: F401  (re-exported: `from nanogpt_mlx.cli import UserError` keeps working)
 
 # Modules that contribute subcommands, in the order `--help` lists them.
 COMMAND_MODULES = [
