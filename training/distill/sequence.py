@@ -133,7 +133,7 @@ class SequenceTeacher:
         body = self._body(index, prompt)
         path = "chat/completions" if self.endpoint == "chat" else "completions"
         key = content_key(CACHE_VERSION, self.client.url(path), body)
-        stored = self.cache.get(key) if self.cache else None
+        stored = self.cache.get(key) if self.cache is not None else None
         if stored is None:
             try:
                 answer = self.client.post(path, body)
@@ -151,7 +151,7 @@ class SequenceTeacher:
             if not isinstance(tokens, int):  # a server that reports no usage: count in our tokenizer
                 tokens = len(self.tokenizer.encode_ordinary(text))
             stored = {"prompt": prompt, "text": text, "completion_tokens": tokens}
-            if self.cache:
+            if self.cache is not None:
                 self.cache.put(key, stored)
             with self._lock:
                 self.requested += 1

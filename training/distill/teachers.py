@@ -255,7 +255,7 @@ class RemoteLogitTeacher:
             sent = tokens[: self.sent_length(len(tokens))]
             top_k, max_tokens = self.top_k, self.max_tokens
             key = self._key(sent, top_k)
-            cached = self.cache.get(key) if self.cache else None
+            cached = self.cache.get(key) if self.cache is not None else None
             if cached is not None:
                 ids, values = cached["ids"], cached["logprobs"]
                 with self._lock:
@@ -268,7 +268,7 @@ class RemoteLogitTeacher:
                     continue
                 raise TrainingError(f"the teacher {self.client.url('completions')} rejected a window: {rejected}") from None
             ids, values = self._parse(answer, sent, top_k)
-            if self.cache:
+            if self.cache is not None:
                 self.cache.put(key, {"ids": ids, "logprobs": values})
             with self._lock:
                 self.windows_requested += 1
