@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import random
 import threading
 from collections import Counter
@@ -35,6 +36,7 @@ class FaultProxy:
         self.fraction, self.seed, self.faults, self.retry_after = fraction, seed, tuple(faults), retry_after
         self.host, self.port = host, port
         self.counts: Counter = Counter()  # "requests", "forwarded", and one key per fault injected
+        self.answered: Counter = Counter()  # SHA-256 of a forwarded POST body -> times the server answered it 200
         self._arrivals = 0
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -92,6 +94,9 @@ class FaultProxy:
                     forward = {k: v for k, v in headers.items() if k not in _HOP_HEADERS}
                     answer = await self._client.request(method, self.upstream + path, headers=forward, content=body)
                     status, data = answer.status_code, answer.content
+                    if status == 200 and method == "POST":
+                        with self._lock:
+                            self.answered[hashlib.sha256(body).hexdigest()] += 1
                     out_headers = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP_HEADERS}
                 lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", f"content-length: {len(data)}"]
                 lines += [f"{k}: {v}" for k, v in out_headers.items()]

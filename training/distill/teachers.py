@@ -282,10 +282,10 @@ class RemoteLogitTeacher:
     def fetch(self, windows: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Answers for many windows, `concurrency` at a time (the first alone: it finds the limits)."""
         self.connect()
-        if windows and len(windows[0]) - 1 > self.sent_length(len(windows[0])) and not self._warned_short:
+        if windows and len(windows[0]) > self.sent_length(len(windows[0])) and not self._warned_short:
             self._warned_short = True
-            print(f"teacher: its context is {self.max_model_len} tokens, so the last "
-                  f"{len(windows[0]) - self.sent_length(len(windows[0]))} position(s) of each "
+            short = len(windows[0]) - self.sent_length(len(windows[0]))
+            print(f"teacher: its context is {self.max_model_len} tokens, so the last {short} position(s) of each "
                   f"{len(windows[0]) - 1}-token window train on CE alone", file=sys.stderr)
         start = time.perf_counter()
         asked_before = self.windows_requested
