@@ -164,10 +164,13 @@ def prefetch(teacher: RemoteLogitTeacher, recipe: Recipe, data_dir: str, progres
 
 
 # --- the runs --------------------------------------------------------------------------------
-def run_distill(recipe: Recipe, out_dir: str, resume: bool = False, init_from: str | None = None, progress: bool = True) -> dict | None:
+def run_distill(recipe: Recipe, out_dir: str, resume: bool = False, init_from: str | None = None, progress: bool = True,
+                stop_at: int | None = None) -> dict | None:
+    """Train `recipe` against its teacher; `stop_at`: stop (with a checkpoint) at that step, as
+    `Trainer.fit` does."""
     check_settings(recipe.distill)
     if recipe.distill.mode == "sequence":
-        return run_sequence_distill(recipe, out_dir, resume=resume, init_from=init_from, progress=progress)
+        return run_sequence_distill(recipe, out_dir, resume=resume, init_from=init_from, progress=progress, stop_at=stop_at)
     from nanogpt_mlx.training.train import Trainer
 
     teacher = make_teacher(recipe, out_dir, progress=progress)
@@ -189,7 +192,7 @@ def run_distill(recipe: Recipe, out_dir: str, resume: bool = False, init_from: s
             counts = prefetch(teacher, recipe, recipe.data.train, progress=progress)
             print(f"teacher: prefetched {counts['windows']} windows ({counts['asked']} asked, {counts['cached']} cached) "
                   f"in {counts['seconds']:.1f} s", file=sys.stderr)
-        summary = trainer.fit()
+        summary = trainer.fit(stop_at=stop_at)
         if isinstance(teacher, RemoteLogitTeacher):
             summary["teacher"] = teacher_summary(teacher)
             if trainer.is_main:
@@ -207,7 +210,7 @@ def teacher_summary(teacher: RemoteLogitTeacher) -> dict:
 
 
 def run_sequence_distill(recipe: Recipe, out_dir: str, resume: bool = False, init_from: str | None = None,
-                         progress: bool = True) -> dict | None:
+                         progress: bool = True, stop_at: int | None = None) -> dict | None:
     """Teacher text -> shards -> mixed with the corpus -> the trainer (plain CE)."""
     from nanogpt_mlx.training.train import Trainer
 
@@ -238,7 +241,7 @@ def run_sequence_distill(recipe: Recipe, out_dir: str, resume: bool = False, ini
           f"{m['teacher_tokens']:,} teacher tokens x {m['teacher_repeats']} in {out / 'data'} "
           f"({m['teacher_share']:.0%} of the training windows)", file=sys.stderr)
     trainer = Trainer(recipe, str(out / "data"), out_dir, resume=resume, init_from=init_from, progress=progress)
-    summary = trainer.fit()
+    summary = trainer.fit(stop_at=stop_at)
     summary["teacher"] = {**teacher.summary(), "mixture": m}
     return summary if trainer.is_main else None
 
@@ -276,8 +279,3 @@ def held_out_against(student, teacher: LocalTeacher, data_dir: str, seq_len: int
         raise TrainingError(f"the {split} split of {data_dir} holds no window of {seq_len} tokens")
     return HeldOut(kl=kl_sum / tokens, loss=ce_sum / tokens, tokens=tokens)
 
-
-def as_numpy(tree) -> dict[str, np.ndarray]:
-    from mlx.utils import tree_flatten
-
-    return {k: np.array(v) for k, v in tree_flatten(tree)}
