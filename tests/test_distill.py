@@ -346,3 +346,17 @@ def test_cli_distill_from_http_teacher(fake_server, shards, tmp_path, run_cli):
 
     proc = run_cli("distill", "--config", recipe, "--data", shards, "--out", tmp_path / "run2", "--teacher", tmp_path / "nope", timeout=120)
     assert proc.returncode == 2 and "teacher not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_draft_recipe_is_a_small_student_of_the_bundled_checkpoint():
+    """configs/draft.toml (training/README.md): the same tokenizer and context as its teacher."""
+    from conftest import REPO_ROOT
+
+    from nanogpt_mlx.model.checkpoint import load_config
+
+    recipe = Recipe.load("draft")
+    config = recipe.validate()
+    teacher = load_config(REPO_ROOT / recipe.distill.teacher)
+    assert config.n_layer < teacher.n_layer and config.vocab_size == teacher.vocab_size
+    assert config.block_size == teacher.block_size and max(s for _, s, _ in recipe.phases()) <= teacher.block_size
+    assert recipe.distill.mode == "logits" and recipe.distill.temperature == 1.0

@@ -38,7 +38,6 @@ import sys
 import time
 from pathlib import Path
 
-import nanogpt_mlx  # noqa: F401, I001  (prepares the runtime before mlx.core)
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 
 from nanogpt_mlx.training.distill.client import TeacherClient
 from nanogpt_mlx.training.distill.sequence import (
