@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from test_train import TINY_MODEL, write_recipe, write_shards
 
-from nanogpt_mlx.model.checkpoint import load_model, save_checkpoint
+from nanogpt_mlx.model.checkpoint import load_config, load_model, save_checkpoint
 from nanogpt_mlx.model.config import ModelConfig
 from nanogpt_mlx.model.gpt import GPT
 from nanogpt_mlx.model.tokenizer import get_tokenizer, text_to_token, token_to_text
@@ -27,6 +27,8 @@ from nanogpt_mlx.training.distill.client import retry_after_seconds
 from nanogpt_mlx.training.distill.teachers import limit_in
 from nanogpt_mlx.training.losses import cross_entropy, distill_kl_full, distill_kl_topk, distillation_loss
 from nanogpt_mlx.training.recipe import Recipe, TrainingError
+
+from conftest import REPO_ROOT
 
 ENC = get_tokenizer()
 TOP_K = 5
@@ -350,10 +352,6 @@ def test_cli_distill_from_http_teacher(fake_server, shards, tmp_path, run_cli):
 
 def test_draft_recipe_is_a_small_student_of_the_bundled_checkpoint():
     """configs/draft.toml (training/README.md): the same tokenizer and context as its teacher."""
-    from conftest import REPO_ROOT
-
-    from nanogpt_mlx.model.checkpoint import load_config
-
     recipe = Recipe.load("draft")
     config = recipe.validate()
     teacher = load_config(REPO_ROOT / recipe.distill.teacher)
