@@ -62,7 +62,7 @@ Every option is also a recipe key (section [distill], or --set distill.KEY=VALUE
     g.add_argument("--top-k", type=int, help="logprobs asked of an HTTP teacher per position; fewer if the server allows "
                    "fewer (distill.top_k, default 20)")
     g.add_argument("--sparse-kl", choices=["bucket", "renorm"], help="KL from top-k logprobs: bucket = the k tokens plus "
-                   "one outcome for the rest, renorm = the k renormalised (distill.sparse_kl, default bucket)")
+                   "one outcome for the rest, renorm = the k renormalised (distill.sparse_kl, default renorm)")
     g.add_argument("--teacher-max-len", type=int, help="the HTTP teacher's context in tokens (distill.teacher_max_len; "
                    "default: max_model_len from its /v1/models)")
     g.add_argument("--prefetch", action="store_true", default=None, help="ask the teacher for every window of the run "

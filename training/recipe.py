@@ -85,7 +85,7 @@ class DistillSection:
     alpha: float = 0.7
     temperature: float = 2.0
     top_k: int = 20  # logprobs asked of an HTTP teacher (fewer if the server allows fewer)
-    sparse_kl: str = "bucket"  # KL from top-k logprobs: bucket (top k + the rest) or renorm (top k renormalised)
+    sparse_kl: str = "renorm"  # KL from top-k logprobs: renorm (top k renormalised; measured better) or bucket (top k + the rest)
     teacher_max_len: int = 0  # the HTTP teacher's context; 0: read max_model_len from /v1/models
     concurrency: int = 4  # requests in flight to an HTTP teacher
     timeout: float = 120.0  # seconds for one answer

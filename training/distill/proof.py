@@ -7,8 +7,8 @@ The teacher is the bundled checkpoint served by `nanogpt-mlx serve` on 127.0.0.1
 student shape, the same data, steps and seed, trained five ways:
 
     (a) CE only                         nanogpt-mlx train
-    (b) logit distillation over HTTP    top-k logprobs, sparse KL "bucket"   (the default)
-    (b') the same, sparse KL "renorm"   (read from (b)'s cache: no request)
+    (b) logit distillation over HTTP    top-k logprobs, sparse KL "bucket"
+    (b') the same, sparse KL "renorm"   (the default; read from (b)'s cache: no request)
     (d) logit distillation, local       the checkpoint in-process, full-vocabulary KL
     (c) sequence-level over HTTP        the teacher's continuations of corpus prompts, mixed 50/50
 
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         timings = {}
 
         # Teacher throughput: every window of (b), cold (asked) then warm (cached).
-        recipe_b = student_recipe(args, data, server.url, cache_dir=str(runs / "b" / "teacher_cache"))
+        recipe_b = student_recipe(args, data, server.url, cache_dir=str(runs / "b" / "teacher_cache"), sparse_kl="bucket")
         teacher = RemoteLogitTeacher(TeacherClient(server.url, concurrency=args.concurrency), top_k=args.top_k,
                                      cache_dir=recipe_b.distill.cache_dir)
         cold = prefetch(teacher, recipe_b, str(data), progress=False)
@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
 
         # (b) again through the fault-injecting proxy, with its own cache, to step --fault-steps.
         with FaultProxy(server.url, fraction=args.fault_fraction, seed=args.seed, retry_after="1") as proxy:
-            recipe_f = student_recipe(args, data, proxy.base_url, cache_dir=str(runs / "faults" / "teacher_cache"), timeout=10.0)
+            recipe_f = student_recipe(args, data, proxy.base_url, cache_dir=str(runs / "faults" / "teacher_cache"), timeout=10.0,
+                                      sparse_kl="bucket")
             faulty = timed("faults", lambda: run_distill(recipe_f, str(runs / "faults"), progress=False, stop_at=args.fault_steps))
         a, b = final_weights(runs / "b", args.fault_steps), final_weights(runs / "faults", args.fault_steps)
         results["faults"] = {

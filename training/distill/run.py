@@ -92,7 +92,7 @@ def full_kl_loss(alpha: float, temperature: float):
     return loss_fn
 
 
-def topk_kl_loss(alpha: float, temperature: float, form: str = "bucket"):
+def topk_kl_loss(alpha: float, temperature: float, form: str = "renorm"):
     def loss_fn(model, x, y, topk_ids, topk_logprobs):
         logits = model(x)
         kl = distill_kl_topk(logits, topk_ids, topk_logprobs, temperature, form)
