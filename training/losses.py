@@ -27,7 +27,7 @@ def distill_kl_full(student_logits: mx.array, teacher_logits: mx.array, temperat
 
 
 def distill_kl_topk(student_logits: mx.array, topk_ids: mx.array, topk_logprobs: mx.array, temperature: float,
-                    form: str = "bucket") -> mx.array:
+                    form: str = "renorm") -> mx.array:
     """KL from the teacher's top-k log-probabilities (what an HTTP teacher returns), mean over the
     positions it answered (a position whose k log-probs are all -inf has no teacher: CE only).
 
