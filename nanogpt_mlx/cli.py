@@ -30,6 +30,7 @@ COMMAND_MODULES = [
 OPTIONAL_PACKAGES = {
     "tqdm": "train",
     "matplotlib": "train",
+    "httpx": "train",
     "datasets": "data",
     "pyarrow": "data",
 }

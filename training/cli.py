@@ -23,17 +23,61 @@ def register_cli(subparsers) -> None:
 
     p = subparsers.add_parser(
         "distill",
-        help="train a student against a teacher's distribution (a checkpoint or an OpenAI-compatible server)",
-        description="Knowledge distillation: loss = alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T). "
-        "The teacher is a checkpoint directory (full logits) or the base URL of an OpenAI-compatible server "
-        "(/v1/completions with echo and top-k logprobs, answers cached on disk).",
+        help="train a student against a teacher: a checkpoint, a server's logprobs, or a server's text",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""Knowledge distillation: loss = alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T).
+
+Three kinds of teacher (training/README.md, "Distillation"):
+  local checkpoint     --teacher DIR: its full logits in-process, KL over the whole vocabulary
+  server, logits       --teacher URL: /v1/completions with echo + top-k logprobs (same tokenizer);
+                       reads max_model_len from /v1/models, adapts to the server's logprobs limit,
+                       checks the echoed tokens, retries 429/5xx/timeouts, caches every answer
+  server, sequence     --teacher URL --mode sequence: the teacher's continuations of prompts
+                       (/v1/completions or /v1/chat/completions) as text, mixed with the corpus;
+                       any tokenizer, no logprobs needed (llama.cpp's server, hosted chat APIs)
+
+Every option is also a recipe key (section [distill], or --set distill.KEY=VALUE).""",
+        epilog="""examples:
+  nanogpt-mlx distill --data SHARDS --out RUN --teacher checkpoints/default
+  nanogpt-mlx distill --data SHARDS --out RUN --teacher http://127.0.0.1:8000 --top-k 20
+  OPENAI_API_KEY=... nanogpt-mlx distill --data SHARDS --out RUN --teacher https://host/v1 \\
+      --teacher-model NAME --mode sequence --endpoint chat --num-prompts 1100 --mix-ratio 0.3""",
     )
     _add_recipe_args(p)
-    p.add_argument("--teacher", help="checkpoint directory or http(s):// base URL (distill.teacher)")
-    p.add_argument("--teacher-model", help="model name sent to an HTTP teacher (distill.teacher_model)")
-    p.add_argument("--alpha", type=float, help="weight of the hard-label CE (distill.alpha, default 0.7)")
-    p.add_argument("--temperature", type=float, help="softening temperature T (distill.temperature, default 2)")
-    p.add_argument("--top-k", type=int, help="top logprobs asked of an HTTP teacher (distill.top_k, default 20)")
+    g = p.add_argument_group("teacher")
+    g.add_argument("--teacher", help="checkpoint directory or http(s):// base URL (distill.teacher)")
+    g.add_argument("--teacher-model", help="model name sent to an HTTP teacher (distill.teacher_model; default: the first it lists)")
+    g.add_argument("--mode", choices=["logits", "sequence"], help="logits: learn the teacher's distributions; sequence: "
+                   "learn its text (distill.mode, default logits)")
+    g.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the teacher's API key, sent as "
+                   "Bearer (distill.api_key_env, default OPENAI_API_KEY)")
+    g.add_argument("--concurrency", type=int, help="requests in flight to an HTTP teacher (distill.concurrency, default 4)")
+    g.add_argument("--timeout", type=float, help="seconds to wait for one answer (distill.timeout, default 120)")
+    g.add_argument("--max-retries", type=int, help="retries of one request on 429 / 5xx / timeouts / dropped connections, "
+                   "with backoff honouring Retry-After (distill.max_retries, default 8)")
+    g.add_argument("--cache-dir", metavar="DIR", help="where teacher answers are cached (distill.cache_dir, default RUN/teacher_cache)")
+    g = p.add_argument_group("logit distillation")
+    g.add_argument("--alpha", type=float, help="weight of the hard-label CE (distill.alpha, default 0.7)")
+    g.add_argument("--temperature", type=float, help="softening temperature T (distill.temperature, default 2)")
+    g.add_argument("--top-k", type=int, help="logprobs asked of an HTTP teacher per position; fewer if the server allows "
+                   "fewer (distill.top_k, default 20)")
+    g.add_argument("--sparse-kl", choices=["bucket", "renorm"], help="KL from top-k logprobs: bucket = the k tokens plus "
+                   "one outcome for the rest, renorm = the k renormalised (distill.sparse_kl, default renorm)")
+    g.add_argument("--teacher-max-len", type=int, help="the HTTP teacher's context in tokens (distill.teacher_max_len; "
+                   "default: max_model_len from its /v1/models)")
+    g.add_argument("--prefetch", action="store_true", default=None, help="ask the teacher for every window of the run "
+                   "before the first step (distill.prefetch)")
+    g = p.add_argument_group("sequence-level distillation")
+    g.add_argument("--prompts", metavar="FILE", help="prompts: one per line, or JSONL with 'prompt'/'text' "
+                   "(distill.prompts; default: sampled from the --data train split)")
+    g.add_argument("--num-prompts", type=int, help="prompts sampled from the corpus (distill.num_prompts, default 1100)")
+    g.add_argument("--prompt-tokens", type=int, help="length of sampled prompts (distill.prompt_tokens, default 32)")
+    g.add_argument("--max-new-tokens", type=int, help="tokens per continuation (distill.max_new_tokens, default 256)")
+    g.add_argument("--gen-temperature", type=float, help="the teacher's sampling temperature (distill.gen_temperature, default 0.8)")
+    g.add_argument("--endpoint", choices=["completions", "chat"], help="/v1/completions or /v1/chat/completions "
+                   "(distill.endpoint, default completions)")
+    g.add_argument("--mix-ratio", type=float, help="share of training windows drawn from teacher text, the rest from "
+                   "--data (distill.mix_ratio, default 0.5)")
     p.set_defaults(func=_cmd_distill)
 
     p = subparsers.add_parser(
@@ -89,6 +133,22 @@ _FLAG_KEYS = {
     "alpha": "distill.alpha",
     "temperature": "distill.temperature",
     "top_k": "distill.top_k",
+    "mode": "distill.mode",
+    "api_key_env": "distill.api_key_env",
+    "concurrency": "distill.concurrency",
+    "timeout": "distill.timeout",
+    "max_retries": "distill.max_retries",
+    "cache_dir": "distill.cache_dir",
+    "sparse_kl": "distill.sparse_kl",
+    "teacher_max_len": "distill.teacher_max_len",
+    "prefetch": "distill.prefetch",
+    "prompts": "distill.prompts",
+    "num_prompts": "distill.num_prompts",
+    "prompt_tokens": "distill.prompt_tokens",
+    "max_new_tokens": "distill.max_new_tokens",
+    "gen_temperature": "distill.gen_temperature",
+    "endpoint": "distill.endpoint",
+    "mix_ratio": "distill.mix_ratio",
 }
 
 

@@ -9,7 +9,8 @@ A recipe has five sections (every key optional; the defaults are the card's reci
                   decay_steps (default: max_steps - warmup_steps)
     [train]       max_steps, seed, eval_interval, log_interval, save_interval_steps,
                   save_interval_minutes, keep_last
-    [distill]     teacher, alpha, temperature, top_k, cache_dir (only `nanogpt-mlx distill`)
+    [distill]     teacher, mode, alpha, temperature, top_k, sparse_kl, ... (only `nanogpt-mlx distill`;
+                  see DistillSection and training/README.md)
 
 `data.seq_len_schedule` trains in phases, e.g. `[[0, 256, 24], [6000, 512, 12]]`: from step 0
 sequences of 256 in batches of 24 rows, from step 6000 sequences of 512 in batches of 12 (the
@@ -76,12 +77,29 @@ class TrainSection:
 
 @dataclass
 class DistillSection:
+    """`nanogpt-mlx distill` (training/distill/): the teacher, the loss, and how it is asked."""
+
     teacher: str = ""  # a checkpoint directory or an http(s):// OpenAI-compatible base URL
-    teacher_model: str = ""  # the "model" field sent to an HTTP teacher
+    teacher_model: str = ""  # the "model" field sent to an HTTP teacher (default: the first it lists)
+    mode: str = "logits"  # logits: the teacher's distributions (KL); sequence: its text (CE on continuations)
     alpha: float = 0.7
     temperature: float = 2.0
-    top_k: int = 20
-    cache_dir: str = ""
+    top_k: int = 20  # logprobs asked of an HTTP teacher (fewer if the server allows fewer)
+    sparse_kl: str = "renorm"  # KL from top-k logprobs: renorm (top k renormalised; measured better) or bucket (top k + the rest)
+    teacher_max_len: int = 0  # the HTTP teacher's context; 0: read max_model_len from /v1/models
+    concurrency: int = 4  # requests in flight to an HTTP teacher
+    timeout: float = 120.0  # seconds for one answer
+    max_retries: int = 8  # per request, on 429 / 5xx / timeouts / dropped connections
+    api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the teacher's API key
+    cache_dir: str = ""  # teacher answers (default RUN/teacher_cache)
+    prefetch: bool = False  # ask for every window of the run before the first step
+    prompts: str = ""  # sequence mode: a prompts file (default: sampled from the train split)
+    num_prompts: int = 1100
+    prompt_tokens: int = 32  # length of prompts sampled from the corpus
+    max_new_tokens: int = 256
+    gen_temperature: float = 0.8  # sampling temperature of the teacher's continuations
+    endpoint: str = "completions"  # sequence mode: completions or chat
+    mix_ratio: float = 0.5  # sequence mode: share of training windows drawn from teacher text
 
 
 @dataclass
