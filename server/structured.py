@@ -156,8 +156,8 @@ def llguidance_grammar(spec: StructureSpec) -> str:
         overrides: dict[str, Any] = {}
         if not spec.strict:
             overrides["lenient"] = True
-        if spec.compact:
-            overrides["whitespace_flexible"] = False
+        if spec.compact:  # a whitespace pattern beats whitespace_flexible: clear it
+            overrides.update(whitespace_flexible=False, whitespace_pattern=None)
         elif spec.whitespace_pattern is not None:
             overrides["whitespace_pattern"] = spec.whitespace_pattern
         # defaults, then the schema's own "x-guidance" options, then the overrides
