@@ -119,21 +119,20 @@ class Grammar:
 # --- the request side ---------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=4)
 def _lltokenizer(encoding, vocab_size: int) -> llguidance.LLTokenizer:
-    # llguidance reads the tiktoken encoding's own tables (no hub download); building the token
-    # trie is a one-off cost, so it is shared by every request (and every test) on the encoding.
+    # llguidance reads the tiktoken encoding's own tables (no hub download); the token trie is
+    # built once per encoding and shared (by every server and test of a process).
     return lltokenizer_from_encoding(encoding, n_vocab=vocab_size, eos_token=EOT_ID)
 
 
 class StructuredOutputs:
-    """Compiles requests' structures for one tokenizer and vocabulary."""
+    """Compiles requests' structures for one tokenizer and vocabulary.
+
+    The token trie is built here, when the server starts: building it holds the GIL, so on the
+    first structured request it would stall every stream of the event loop."""
 
     def __init__(self, encoding, vocab_size: int):
-        self._encoding = encoding
         self.vocab_size = vocab_size
-
-    @property
-    def lltokenizer(self) -> llguidance.LLTokenizer:
-        return _lltokenizer(self._encoding, self.vocab_size)
+        self.lltokenizer = _lltokenizer(encoding, vocab_size)
 
     def compile(self, spec: StructureSpec) -> Grammar:
         """The grammar of `spec`, checked; StructureError (a 400) when it cannot be compiled."""
