@@ -115,6 +115,22 @@ def test_close_objects_closes_object_schemas_but_not_values():
     assert "additionalProperties" not in schema  # the request's schema is not modified
 
 
+def test_the_librarys_tokenizer_is_the_checkpoints(tiny_checkpoint):
+    """llguidance's view of the vocabulary, built from the offline tiktoken encoding, has every
+    token's bytes and tokenizes as transformers' tokenizer of the checkpoint does."""
+    from transformers import AutoTokenizer
+
+    encoding = get_tokenizer(tiny_checkpoint)
+    lltokenizer = StructuredOutputs(encoding, encoding.n_vocab).lltokenizer
+    differ = [t for t in range(encoding.n_vocab) if lltokenizer.decode_bytes([t]) != encoding.decode_single_token_bytes(t)]
+    # llguidance reserves the byte 0xFF (never part of UTF-8 text) to mark special tokens
+    assert [encoding.decode_single_token_bytes(t) for t in differ] == [b"\xff"]
+    assert lltokenizer.is_special_token(encoding.eot_token)
+    hf = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    for text in ["Hello world", ' {"a": [1, 2.5e3, null]}\n\n  x', "héllo 東京 — ok?", "    indented\tcode"]:
+        assert lltokenizer.tokenize_str(text) == hf(text)["input_ids"] == encoding.encode(text)
+
+
 def spec_of(body: dict, chat: bool = False) -> StructureSpec | None:
     if chat:
         return ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], **body}).structure()
