@@ -78,9 +78,9 @@ class OutputProcessor:
 
     # --- one token ---------------------------------------------------------------------------------------
     def accept(self, logits: np.ndarray, at_context_end: bool) -> str | None:
-        """Sample the next token from `logits` (one row, modified in place) and add it to the
-        output; return a finish_reason, or None to go on. `at_context_end`: the cache has no room
-        to feed the token back."""
+        """Sample the next token from `logits` (one row, modified in place: masked first by the
+        sequence's structure, if any) and add it to the output; return a finish_reason, or None to
+        go on. `at_context_end`: the cache has no room to feed the token back."""
         request = self.request
         params = request.params
         raw_logprobs = log_softmax(logits) if params.logprobs is not None else None  # the model's own distribution
