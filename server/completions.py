@@ -33,6 +33,7 @@ from nanogpt_mlx.server.protocol import (
     Usage,
     warn_ignored,
 )
+from nanogpt_mlx.server.structured import Grammar, StructuredOutputs, StructureError
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Planner:
         self.max_n = max_n
         self.max_logprobs = max_logprobs
         self.max_sequences = max_sequences
+        self.structured = StructuredOutputs(tokenizer, vocab_size)
 
     def encode(self, text: str) -> list[int]:
         # GPT-2's tokenizer adds no special tokens (add_special_tokens changes nothing, as in
@@ -145,6 +147,7 @@ class Planner:
                     code="context_length_exceeded",
                 )
             limits.append(limit)
+        structure = self.compile_structure(req)
         min_tokens = req.min_tokens or 0
         if max_tokens is not None and min_tokens > max_tokens:
             raise invalid("min_tokens", f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})")
@@ -194,9 +197,20 @@ class Planner:
                         skip_special_tokens=req.skip_special_tokens is not False,
                         min_tokens=min_tokens,
                         priority=req.priority or 0,
+                        structure=structure,
                     )
                 )
         return Plan(req, prompts, prompt_texts, sequences, n, per_prompt, logprobs, req.prompt_logprobs, echo_logprobs)
+
+    def compile_structure(self, req: GenerationRequest) -> Grammar | None:
+        """The request's structured output, compiled once for all its sequences (None: free text)."""
+        try:
+            spec = req.structure()
+            return None if spec is None else self.structured.compile(spec)
+        except ParamError as exc:
+            raise APIError(400, str(exc), param=exc.param, code=exc.code) from None
+        except StructureError as exc:
+            raise invalid(exc.param, str(exc)) from None
 
     def _truncate(self, tokens: list[int], req: GenerationRequest) -> list[int]:
         """vLLM's truncate_prompt_tokens: keep the last k tokens (first k with truncation_side right)."""

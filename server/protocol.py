@@ -6,11 +6,12 @@ vLLM 0.34.0 accepts on the same routes (vllm/entrypoints/openai/completion/proto
 chat_completion/protocol.py, serve/tokenize/protocol.py), so clients written for either run
 unchanged. Each field is one of three kinds:
 
-- implemented (most of them);
+- implemented (most of them; structured output's fields become a `StructureSpec`, see
+  `GenerationRequest.structure` and server/structured.py);
 - IGNORED: meaningless for this server (KV transfer, multimodal, reasoning, render-only flags...):
   accepted, and the first request that sets one logs one warning naming it;
-- UNSUPPORTED: it would change the output in a way this server cannot (beam search, structured
-  output, tools, ...): accepted with its default value, a 400 `unsupported_parameter` otherwise.
+- UNSUPPORTED: it would change the output in a way this server cannot (beam search, structural
+  tags, tools, ...): accepted with its default value, a 400 `unsupported_parameter` otherwise.
 
 A field that neither OpenAI nor vLLM knows is a 400 `unknown_parameter` (server/README.md says
 why). An explicit `null` means the default, for every field. Validation is otherwise strict
@@ -19,10 +20,13 @@ why). An explicit `null` means the default, for every field. Validation is other
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+
+from nanogpt_mlx.server.structured import StructureSpec
 
 log = logging.getLogger("nanogpt_mlx.server")
 
@@ -52,9 +56,38 @@ TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 StopList = Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_STRINGS)]
 
 
-class ResponseFormat(BaseModel):
+class JsonSchemaFormat(_Strict):
+    """OpenAI's `response_format.json_schema`."""
+
+    name: str | None = Field(None, max_length=64, description="the schema's name (OpenAI requires one; not used here)")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="the JSON Schema the output follows")
+    strict: bool | None = Field(None, description="false: JSON Schema keywords the library does not implement are ignored, not a 400")
+
+
+class ResponseFormat(_Strict):
+    # structural_tag carries fields of its own: accepted here, then a 400 unsupported_parameter
     model_config = ConfigDict(extra="allow")
     type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: JsonSchemaFormat | None = Field(None, description="with type json_schema")
+
+
+class StructuredOutputsParams(_Strict):
+    """vLLM's `structured_outputs`: exactly one constraint, with JSON's options."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description="a JSON Schema (an object, or a string of one)")
+    regex: str | None = Field(None, description="the whole output matches this regular expression (Rust regex syntax)")
+    choice: Annotated[list[str], Field(min_length=1)] | None = Field(None, description="the output is exactly one of these strings")
+    grammar: str | None = Field(None, description="a context-free grammar, Lark or GBNF (llama.cpp's)")
+    json_object: bool | None = Field(None, description="any JSON object")
+    disable_any_whitespace: bool | None = Field(False, description="JSON without whitespace")
+    disable_additional_properties: bool | None = Field(False, description="JSON objects only with the properties listed")
+    whitespace_pattern: str | None = Field(None, description="JSON: the regex whitespace between tokens matches")
+    structural_tag: str | None = Field(None, description="UNSUPPORTED")
+
+
+# vLLM's older names of structured_outputs' fields (still sent by many clients)
+GUIDED_FIELDS = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
 
 # Accepted, changing nothing here: field -> why (logged once per field name).
@@ -85,6 +118,7 @@ IGNORED: dict[str, str] = {
     "safety_identifier": "nothing is moderated",
     "verbosity": "this model has no verbosity control",
     "prediction": "predicted outputs only speed up generation",
+    "guided_decoding_backend": "one backend (llguidance) serves every structured output",
 }
 _warned: set[str] = set()
 
@@ -111,7 +145,7 @@ class GenerationRequest(_Strict):
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
     user: str | None = None
-    response_format: ResponseFormat | None = Field(None, description="only {'type': 'text'}: structured output is not supported")
+    response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema (structured output)")
 
     # vLLM's sampling parameters
     top_k: int | None = Field(None, ge=-1, description="vLLM: sample from the k most likely tokens (0 or -1 = off)")
@@ -136,8 +170,16 @@ class GenerationRequest(_Strict):
     watermarking: bool | None = None
     bad_words: list[str] | None = None
     logprob_token_ids: list[TokenId] | None = None
-    structured_outputs: dict[str, Any] | None = None
     repetition_detection: dict[str, Any] | None = None
+
+    # structured output (server/structured.py): response_format, or vLLM's structured_outputs, or its older guided_* names
+    structured_outputs: StructuredOutputsParams | None = Field(None, description="vLLM: json, regex, choice, grammar or json_object")
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM's older structured_outputs.json")
+    guided_regex: str | None = Field(None, description="vLLM's older structured_outputs.regex")
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = Field(None, description="vLLM's older structured_outputs.choice")
+    guided_grammar: str | None = Field(None, description="vLLM's older structured_outputs.grammar")
+    guided_whitespace_pattern: str | None = Field(None, description="vLLM's older structured_outputs.whitespace_pattern")
+    guided_decoding_backend: str | None = None
 
     # IGNORED (see IGNORED)
     spaces_between_special_tokens: bool | None = True
@@ -183,20 +225,65 @@ class GenerationRequest(_Strict):
             raise ParamError("stream_options", "stream_options is only allowed when stream is true")
         if self.prompt_logprobs is not None and self.stream:
             raise ParamError("prompt_logprobs", "prompt_logprobs are not available when stream is true (as in vLLM)")
-        if self.response_format is not None and self.response_format.type != "text":
-            kind = self.response_format.type
-            raise ParamError("response_format", f"response_format {kind!r} is not supported: no structured output here")
+        self.structure()  # its errors now, before any work
         unsupported = {
             "use_beam_search": (self.use_beam_search, "beam search is not supported"),
             "watermarking": (self.watermarking, "watermarking is not supported"),
             "bad_words": (self.bad_words, "bad_words is not supported"),
             "logprob_token_ids": (self.logprob_token_ids, "logprob_token_ids is not supported: use logprobs"),
-            "structured_outputs": (self.structured_outputs, "structured output is not supported"),
             "repetition_detection": (self.repetition_detection, "repetition_detection is not supported: try repetition_penalty"),
         }
         for param, (value, message) in unsupported.items():
             if value:
                 raise ParamError(param, message)
+
+    def structure(self) -> StructureSpec | None:
+        """What the output must be (response_format, structured_outputs or a guided_* field), or
+        None for free text. ParamError when the fields ask for more than one thing or for nothing
+        this server can enforce."""
+        specs: list[StructureSpec] = []
+        json_options = {"whitespace_pattern": self.guided_whitespace_pattern}
+        rf = self.response_format
+        if rf is not None and rf.type == "structural_tag":
+            raise ParamError("response_format", "response_format 'structural_tag' is not supported: use json_schema")
+        if rf is not None and rf.type == "json_object":
+            specs.append(StructureSpec("json_object", "response_format", **json_options))
+        if rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                message = "response_format of type json_schema needs json_schema.schema"
+                raise ParamError("response_format", message, "missing_required_parameter")
+            strict = rf.json_schema.strict is not False
+            specs.append(StructureSpec("json_schema", "response_format", rf.json_schema.schema_, strict=strict, **json_options))
+        so = self.structured_outputs
+        if so is not None:
+            if so.structural_tag is not None:
+                raise ParamError("structured_outputs", "structured_outputs.structural_tag is not supported: use json")
+            fields = (("json", so.json_), ("regex", so.regex), ("choice", so.choice), ("grammar", so.grammar))
+            given = [(name, value) for name, value in fields if value is not None]
+            if so.json_object:
+                given.append(("json_object", True))
+            if len(given) != 1:
+                names = ", ".join(name for name, _ in given) or "none"
+                message = f"structured_outputs needs exactly one of json, regex, choice, grammar, json_object (got {names})"
+                raise ParamError("structured_outputs", message, "invalid_value")
+            name, value = given[0]
+            options = {
+                "whitespace_pattern": so.whitespace_pattern or self.guided_whitespace_pattern,
+                "compact": bool(so.disable_any_whitespace),
+                "closed_objects": bool(so.disable_additional_properties),
+            }
+            kind = {"json": "json_schema"}.get(name, name)
+            param = f"structured_outputs.{name}"
+            specs.append(StructureSpec(kind, param, _json_schema(value, param) if kind == "json_schema" else value, **options))
+        for field_name, kind in GUIDED_FIELDS.items():
+            value = getattr(self, field_name)
+            if value is not None:
+                value = _json_schema(value, field_name) if kind == "json_schema" else value
+                specs.append(StructureSpec(kind, field_name, value, **json_options))
+        if len(specs) > 1:
+            names = ", ".join(spec.param for spec in specs)
+            raise ParamError(specs[1].param, f"only one structured output may be asked for, got {names}", "invalid_value")
+        return specs[0] if specs else None
 
     # --- normalized views (defaults applied) ------------------------------------------------------
     def stop_strings(self) -> list[str]:
@@ -215,6 +302,18 @@ class ParamError(ValueError):
         super().__init__(message)
         self.param = param
         self.code = code
+
+
+def _json_schema(value: dict[str, Any] | str, param: str) -> dict[str, Any]:
+    """A JSON Schema given as an object or as a string of one."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ParamError(param, f"{param} is not valid JSON: {exc}", "invalid_value") from None
+    if not isinstance(value, dict):
+        raise ParamError(param, f"{param} must be a JSON Schema object", "invalid_value")
+    return value
 
 
 def _is_int(v: Any) -> bool:

@@ -180,7 +180,8 @@ def test_a_request_may_bring_its_own_template(http, server):
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
         ({"max_tokens": 500}, "max_tokens", "context_length_exceeded"),
         ({"messages": [{"role": "user", "content": "word " * 200}]}, "messages", "context_length_exceeded"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", "unsupported_parameter"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", "missing_required_parameter"),
+        ({"response_format": {"type": "structural_tag", "format": {}}}, "response_format", "unsupported_parameter"),
         ({"frobnicate": 1}, "frobnicate", "unknown_parameter"),
     ],
 )

@@ -105,7 +105,8 @@ def test_invalid_requests_name_the_parameter(body, param):
         ({"prompt": "x", "best_of": 3, "stream": True}, "best_of"),
         ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
         ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
-        ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+        ({"prompt": "x", "response_format": {"type": "structural_tag", "format": {}}}, "response_format"),
+        ({"prompt": "x", "structured_outputs": {"structural_tag": "{}"}}, "structured_outputs"),
         ({"prompt": "x", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
     ],
 )

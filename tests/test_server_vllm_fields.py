@@ -69,8 +69,8 @@ def test_explicit_nulls_mean_the_defaults(http):
 
 
 def test_a_field_neither_openai_nor_vllm_knows_is_a_400_naming_it(http):
-    error = error_of(http.post("/v1/completions", json={"prompt": "x", "guided_json": {"type": "object"}}))
-    assert (error["param"], error["code"]) == ("guided_json", "unknown_parameter")
+    error = error_of(http.post("/v1/completions", json={"prompt": "x", "json_schema": {"type": "object"}}))
+    assert (error["param"], error["code"]) == ("json_schema", "unknown_parameter")
 
 
 @pytest.mark.parametrize(
@@ -79,8 +79,8 @@ def test_a_field_neither_openai_nor_vllm_knows_is_a_400_naming_it(http):
         ("use_beam_search", True),
         ("bad_words", ["x"]),
         ("logprob_token_ids", [1]),
-        ("structured_outputs", {"json": {"type": "object"}}),
-        ("response_format", {"type": "json_object"}),
+        ("structured_outputs", {"structural_tag": "{}"}),
+        ("response_format", {"type": "structural_tag", "format": {}}),
         ("prompt_embeds", "AAAA"),
         ("suffix", "end"),
         ("watermarking", True),

@@ -2,7 +2,7 @@
 
     types.py   requests, outputs, errors, and the stats records it reports
     slots.py   the KV-cache row table (plain Python)
-    output.py  one sequence's logits -> tokens, text, logprobs, finish reasons
+    output.py  one sequence's logits -> (structure mask) tokens, text, logprobs, finish reasons
     loop.py    the Engine: its thread, the waiting queue, the step, the lifecycle
 """
 
@@ -18,6 +18,8 @@ from nanogpt_mlx.server.engine.types import (
     SequenceStats,
     StatsCallback,
     StepStats,
+    Structure,
+    StructureMatcher,
     TokenLogprob,
 )
 
@@ -34,6 +36,8 @@ __all__ = [
     "SlotTable",
     "StatsCallback",
     "StepStats",
+    "Structure",
+    "StructureMatcher",
     "Submission",
     "TokenLogprob",
 ]

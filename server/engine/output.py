@@ -2,8 +2,9 @@
 and finish reasons.
 
 One `OutputProcessor` per sequence holds everything that is the sequence's own: its sampling
-generator and token counts (penalties), its streaming detokenizer, its stop-string matcher, and
-the `SequenceOutput` being built in the current step. The engine hands it logits (NumPy, one row)
+generator and token counts (penalties), its structured-output matcher (which masks the logits
+row before sampling), its streaming detokenizer, its stop-string matcher, and the
+`SequenceOutput` being built in the current step. The engine hands it logits (NumPy, one row)
 and takes the finished output once a step; nothing here touches the model or the KV cache, so an
 exception raised here concerns this sequence only, and the engine ends it alone.
 """
@@ -42,6 +43,7 @@ class OutputProcessor:
         self._stop_string_hit = False
         self._stop_reason: int | str | None = None
         self._prompt_logprobs: list[TokenLogprob] | None = [] if request.prompt_logprobs is not None else None
+        self._structure = request.structure.matcher() if request.structure is not None else None  # each choice its own
         self._pending = SequenceOutput()
 
     @property
@@ -76,13 +78,17 @@ class OutputProcessor:
 
     # --- one token ---------------------------------------------------------------------------------------
     def accept(self, logits: np.ndarray, at_context_end: bool) -> str | None:
-        """Sample the next token from `logits` (one row, modified in place) and add it to the
-        output; return a finish_reason, or None to go on. `at_context_end`: the cache has no room
-        to feed the token back."""
+        """Sample the next token from `logits` (one row, modified in place: masked first by the
+        sequence's structure, if any) and add it to the output; return a finish_reason, or None to
+        go on. `at_context_end`: the cache has no room to feed the token back."""
         request = self.request
         params = request.params
         raw_logprobs = log_softmax(logits) if params.logprobs is not None else None  # the model's own distribution
+        if self._structure is not None:
+            self._structure.mask(logits)  # first: every later processor keeps a -inf at -inf
         token = choose_token(logits, params, self._rng, self._counts)
+        if self._structure is not None:
+            self._structure.advance(token)
         self._counts[token] += 1
         self.generated += 1
         self.last_token = token
@@ -106,6 +112,8 @@ class OutputProcessor:
         if stop_token:
             self._stop_reason = token if token in request.stop_token_ids else None  # vLLM: None for EOS
             return "stop"
+        if self._structure is not None and self._structure.finished:
+            return "stop"  # the structure is complete (nothing may follow; as EOS: stop_reason None)
         if self.generated >= request.max_tokens or at_context_end:
             return "length"
         return None

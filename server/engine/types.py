@@ -10,8 +10,33 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
 
 from nanogpt_mlx.model.sampling import SamplingParams
+
+
+# --- structured output -------------------------------------------------------------------------------
+class StructureMatcher(Protocol):
+    """One sequence's position in the structure its output must follow (server/structured.py's
+    `TokenMatcher`): called by the sequence's OutputProcessor once per token."""
+
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        """Set the logit of every token that cannot come next to -inf, in place."""
+
+    def advance(self, token: int) -> None:
+        """Move past the sampled token."""
+
+    @property
+    def finished(self) -> bool:
+        """The structure is complete: nothing can follow it."""
+
+
+class Structure(Protocol):
+    """A compiled structure, shared by a request's sequences; each gets its own matcher."""
+
+    def matcher(self) -> StructureMatcher: ...
 
 
 # --- in and out ------------------------------------------------------------------------------------
@@ -32,6 +57,7 @@ class SequenceRequest:
     skip_special_tokens: bool = True  # False: a generated <|endoftext|> shows as text
     min_tokens: int = 0  # no stop string (nor stop token) before this many tokens
     priority: int = 0  # admission order: lower first, FIFO among equals
+    structure: Structure | None = None  # structured output: what the text must follow (None: free text)
 
 
 @dataclass
