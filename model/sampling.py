@@ -39,7 +39,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # the tokens that would end generation (EOS included unless ignored)
 
     def make_rng(self) -> np.random.Generator:
-        return np.random.default_rng(self.seed)
+        return np.random.default_rng(None if self.seed is None else self.seed % 2**64)  # NumPy takes no negative seed
 
 
 # --- logit processors ------------------------------------------------------------------------

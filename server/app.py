@@ -75,7 +75,7 @@ from nanogpt_mlx.server.tokenization import token_strings, tokenizer_info
 
 log = logging.getLogger("nanogpt_mlx.server")
 
-RETRY_AFTER_SECONDS = "1"
+RETRY_AFTER_SECONDS = 1  # while loading or draining; a full queue estimates its own (Engine.retry_after)
 
 
 class ServerContext:
@@ -118,6 +118,7 @@ class ServerContext:
         self.created = int(time.time())
         self.draining = False
         self.inflight = 0  # completion requests being answered
+        self.open_requests = 0  # HTTP requests being answered, whatever the route (OpenRequests)
 
     def _load_runner(self, rows: int):
         """Runs on the engine thread: every MLX object lives on that thread."""
@@ -131,6 +132,15 @@ class ServerContext:
         model = load_model(self.model_dir)
         log.info("loaded %s on %s (%s) in %.1f s", self.model_dir, device, REPORT.blas_name, time.perf_counter() - started)
         return ModelRunner(model, max_rows=rows, max_len=self.max_len)
+
+    async def fail(self, timeout: float) -> None:
+        """The engine died: answer 503 from now on, and wait (up to `timeout` s) until every open
+        HTTP request has had its answer (the ones it was generating got an error; a body still
+        being uploaded gets a 503) before the process exits."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self.open_requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     async def drain(self, timeout: float) -> None:
         """Graceful shutdown: answer 503 from now on, let in-flight work finish, end the rest.
@@ -167,6 +177,7 @@ def create_app(settings: ServerSettings, model_dir: Path) -> FastAPI:
         openapi_url="/openapi.json",
     )
     app.state.ctx = ctx
+    app.add_middleware(OpenRequests, ctx=ctx)
     _install_error_handlers(app)
     request_log.install(app, ctx.metrics, settings.access_log, settings.log_prompts)
 
@@ -222,7 +233,8 @@ def create_app(settings: ServerSettings, model_dir: Path) -> FastAPI:
         try:
             submission = ctx.engine.submit(plan.sequences)
         except QueueFullError as exc:
-            raise _unavailable(f"The server is overloaded ({exc}); retry shortly.", code="queue_full") from None
+            message = f"The server is overloaded ({exc}); retry in {exc.retry_after} s."
+            raise _unavailable(message, code="queue_full", retry_after=exc.retry_after) from None
         except EngineUnavailableError as exc:
             raise _unavailable(f"The server cannot take requests now: {exc}.") from None
         request_log.note_submission(request.scope, submission)
@@ -301,7 +313,7 @@ def create_app(settings: ServerSettings, model_dir: Path) -> FastAPI:
     @app.get("/health")
     async def health():
         engine = ctx.engine
-        status = "draining" if ctx.draining else "ok" if engine.ready else engine.state
+        status = "failed" if engine.state == "failed" else "draining" if ctx.draining else "ok" if engine.ready else engine.state
         body = {
             "status": status,
             "model": ctx.served_names[0],
@@ -313,7 +325,7 @@ def create_app(settings: ServerSettings, model_dir: Path) -> FastAPI:
         if engine.failure:
             body["error"] = engine.failure
         if status != "ok":
-            return JSONResponse(body, status_code=503, headers={"Retry-After": RETRY_AFTER_SECONDS})
+            return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         return body
 
     if settings.metrics:  # with --no-metrics, /metrics is a plain 404
@@ -325,6 +337,24 @@ def create_app(settings: ServerSettings, model_dir: Path) -> FastAPI:
 
     app.openapi = lambda: _openapi(app, settings)
     return app
+
+
+class OpenRequests:
+    """ASGI middleware counting the HTTP requests being answered, in `ctx.open_requests`."""
+
+    def __init__(self, app, ctx: ServerContext):
+        self.app = app
+        self.ctx = ctx
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.ctx.open_requests += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.ctx.open_requests -= 1
 
 
 # --- the OpenAPI schema: bodies are parsed by hand (read_json, _parse), so they are declared here ---
@@ -461,8 +491,8 @@ def _model_card(ctx: ServerContext, name: str) -> ModelCard:
     return ModelCard(id=name, created=ctx.created, root=str(ctx.model_dir), max_model_len=ctx.max_len, permission=[permission])
 
 
-def _unavailable(message: str, code: str = "service_unavailable") -> APIError:
-    return APIError(503, message, type="server_error", code=code, headers={"Retry-After": RETRY_AFTER_SECONDS})
+def _unavailable(message: str, code: str = "service_unavailable", retry_after: int = RETRY_AFTER_SECONDS) -> APIError:
+    return APIError(503, message, type="server_error", code=code, headers={"Retry-After": str(retry_after)})
 
 
 # --- errors ----------------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ why). An explicit `null` means the default, for every field. Validation is other
 
 from __future__ import annotations
 
+import functools
 import logging
+import typing
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
@@ -36,9 +38,38 @@ class _Strict(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None}
-        return data
+        if not isinstance(data, dict):
+            return data
+        integers = _integer_fields(cls)
+        return {
+            key: _integral(value) if key in integers else value
+            for key, value in data.items()
+            if value is not None or key not in cls.model_fields  # an unknown field stays, null or not, to be refused by name
+        }
+
+
+def _integral(value: Any) -> Any:
+    """JSON has one kind of number, and the `integer` of JSON Schema (what /openapi.json publishes)
+    includes 2.0: a float without a fractional part is that integer, also inside lists of token
+    ids. 2.5, "2" and true stay errors."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
+@functools.cache
+def _integer_fields(cls: type[BaseModel]) -> frozenset[str]:
+    """The fields whose values are integers or lists of them (and never floats)."""
+
+    def leaves(annotation) -> set:
+        args = typing.get_args(annotation)
+        if typing.get_origin(annotation) is Annotated:
+            return leaves(args[0])
+        return set().union(*map(leaves, args)) if args else {annotation}
+
+    return frozenset(name for name, f in cls.model_fields.items() if int in (kinds := leaves(f.annotation)) and float not in kinds)
 
 
 # --- fields shared by completions and chat completions --------------------------------------------
@@ -218,7 +249,7 @@ class ParamError(ValueError):
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
 
 
 # --- /v1/completions ----------------------------------------------------------------------------------
