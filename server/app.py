@@ -51,6 +51,7 @@ from nanogpt_mlx.server.completions import Completions, Planner, TokenTexts, res
 from nanogpt_mlx.server.engine import Engine, EngineUnavailableError, QueueFullError
 from nanogpt_mlx.server.metrics import ServerMetrics
 from nanogpt_mlx.server.protocol import (
+    TOKEN_ID_MARK,
     APIError,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -394,8 +395,25 @@ def _openapi(app: FastAPI, settings: ServerSettings) -> dict:
                 for branch in props.get(field, {}).get("anyOf", [props.get(field, {})]):
                     if branch.get("type") == "integer":
                         branch["maximum"] = maximum
+            for field in ("max_tokens", "max_completion_tokens"):  # a prompt has at least one token
+                for branch in props.get(field, {}).get("anyOf", []):
+                    if branch.get("type") == "integer":
+                        branch["maximum"] = app.state.ctx.max_len - 1
+        _bound_token_ids(components, app.state.ctx.vocab_size - 1)
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _bound_token_ids(node, maximum: int) -> None:
+    """Every token id the schema describes (protocol.TokenId) is at most the vocabulary's last."""
+    if isinstance(node, dict):
+        if node.pop(TOKEN_ID_MARK, False):
+            node["maximum"] = maximum
+        for value in node.values():
+            _bound_token_ids(value, maximum)
+    elif isinstance(node, list):
+        for value in node:
+            _bound_token_ids(value, maximum)
 
 
 # --- request bodies ------------------------------------------------------------------------------

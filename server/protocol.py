@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 log = logging.getLogger("nanogpt_mlx.server")
 
 MAX_STOP_STRINGS = 4
+TOKEN_ID_MARK = "x-token-id"
 INT64 = {"ge": -(2**63), "le": 2**63 - 1}
 
 
@@ -78,7 +79,7 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool = Field(False, description="vLLM: usage so far on every chunk")
 
 
-TokenId = Annotated[int, Field(ge=0)]
+TokenId = Annotated[int, Field(ge=0, json_schema_extra={TOKEN_ID_MARK: True})]  # /openapi.json adds the vocabulary's bound
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 StopList = Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_STRINGS)]
 
