@@ -114,7 +114,7 @@ class ServerContext:
         )
         self.token_texts = TokenTexts(self.tokenizer)
         self.completions = Completions(self.planner, self.token_texts)
-        self.chat = ChatCompletions(self.planner, self.token_texts, self.chat_template)
+        self.chat = ChatCompletions(self.planner, self.token_texts, self.chat_template, settings.trust_request_chat_template)
         self.tokenizer_info = tokenizer_info(model_dir, self.max_len, self.chat_template.source)
         self.created = int(time.time())
         self.draining = False
@@ -291,7 +291,7 @@ def create_app(settings: ServerSettings, model_dir: Path) -> FastAPI:
                 req.check_template_fields()
             except ParamError as exc:
                 raise APIError(400, str(exc), param=exc.param, code=exc.code) from None
-            text = render_messages(req, ctx.chat_template)[0]
+            text = render_messages(req, ctx.chat_template, settings.trust_request_chat_template)[0]
         else:
             req = _parse(TokenizeCompletionRequest, data)
             text = req.prompt
