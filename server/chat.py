@@ -189,6 +189,7 @@ class ChatCompletions:
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             extra_stop=template.stop,
             logprobs_param="top_logprobs",
+            max_tokens_param="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
         )
 
     async def respond(self, plan: Plan, submission: Submission, response_id: str, model: str) -> ChatCompletionResponse:
