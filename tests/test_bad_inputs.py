@@ -23,7 +23,7 @@ from nanogpt_mlx.server.protocol import ChatCompletionRequest, CompletionRequest
 from server_support import ThreadedServer
 
 jsonschema = pytest.importorskip("jsonschema")
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)
 
 MAX_N, MAX_LOGPROBS, VOCAB, CONTEXT = 4, 5, 50257, 128
 MESSAGES = [{"role": "user", "content": "Hello"}]

@@ -16,7 +16,7 @@ from server_support import VLLM_CHAT_FIELDS, ThreadedServer, metric_value, sse_p
 from nanogpt_mlx.model.tokenizer import get_tokenizer
 from nanogpt_mlx.server.chat import DEFAULT_CHAT_STOP
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(600)
 
 MODEL = "nanogpt-mlx"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
