@@ -185,6 +185,16 @@ def test_listed_bad_inputs_are_400_naming_the_parameter(http, path, body, param,
     listed["explicit"] += 1
 
 
+def test_vanishing_temperatures_are_greedy_not_nan(http):
+    """A temperature the float32 logits cannot be divided by (1e-39 is subnormal there, 5e-324 in
+    float64 too) samples the argmax, as temperature 0 does, instead of tokens drawn from NaN."""
+    body = {"prompt": "The river", "max_tokens": 12, "ignore_eos": True}
+    greedy = http.post("/v1/completions", json={**body, "temperature": 0}).json()["choices"][0]["text"]
+    for temperature in (1e-6, 1e-39, 5e-324):
+        r = http.post("/v1/completions", json={**body, "temperature": temperature, "seed": 1})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy, temperature
+
+
 def test_after_every_bad_input_the_server_serves_normally(http, server):
     r = http.post("/v1/completions", json={"prompt": "Still here", "max_tokens": 3, "ignore_eos": True})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
