@@ -444,6 +444,8 @@ async def read_json(request: Request, limit: int):
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise APIError(400, f"Request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}.", code="invalid_json") from None
+    except (RecursionError, ValueError) as exc:  # nested too deep; a number of more digits than Python converts
+        raise APIError(400, f"Request body is JSON this server cannot read: {str(exc)[:200]}.", code="invalid_json") from None
 
 
 def _parse(model: type[BaseModel], data):

@@ -185,6 +185,22 @@ def test_listed_bad_inputs_are_400_naming_the_parameter(http, path, body, param,
     listed["explicit"] += 1
 
 
+@pytest.mark.parametrize(
+    "path, content",
+    [
+        ("/v1/completions", b"[" * 100_000 + b"]" * 100_000),  # deeper than Python's JSON parser recurses
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x", "name": ' + b"[" * 5000 + b"]" * 5000 + b"}]}"),
+        ("/tokenize", b'{"prompt": "x", "model": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5000 + b"}"),
+        ("/v1/completions", b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}"),  # more digits than Python converts
+        ("/detokenize", b'{"tokens": [' + b"1" * 4301 + b"]}"),
+    ],
+)
+def test_json_the_server_cannot_read_is_a_400(http, path, content):
+    error = openai_error(http.post(path, content=content, headers={"Content-Type": "application/json"}))
+    assert error["code"] == "invalid_json", error
+    listed["explicit"] += 1
+
+
 def test_vanishing_temperatures_are_greedy_not_nan(http):
     """A temperature the float32 logits cannot be divided by (1e-39 is subnormal there, 5e-324 in
     float64 too) samples the argmax, as temperature 0 does, instead of tokens drawn from NaN."""
