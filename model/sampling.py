@@ -8,8 +8,8 @@ their generator identically alone or in a full batch.
 
 Order, as in vLLM's sampler: allowed_token_ids and min_tokens mask tokens, logit_bias and the
 penalties (repetition, then presence / frequency) change the logits, then temperature, then min-p,
-top-k and top-p restrict the candidates, then one token is drawn. Rows with temperature 0 are
-greedy (argmax of the adjusted logits).
+top-k and top-p restrict the candidates, then one token is drawn. Rows with temperature 0 (below
+GREEDY_BELOW, as in vLLM) are greedy (argmax of the adjusted logits).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # the tokens that would end generation (EOS included unless ignored)
 
     def make_rng(self) -> np.random.Generator:
-        return np.random.default_rng(self.seed)
+        return np.random.default_rng(None if self.seed is None else self.seed % 2**64)  # NumPy takes no negative seed
 
 
 # --- logit processors ------------------------------------------------------------------------
@@ -180,6 +180,10 @@ def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     return logits
 
 
+# Below this the distribution is the argmax anyway, and dividing float32 logits by a temperature
+# under ~1e-38 (or one flushed to zero) gives inf and NaN: sampling would return a wrong token.
+GREEDY_BELOW = 1e-5
+
 SAMPLE_BLOCK = 256  # vocabulary block size of the two-level inverse CDF in `sample`
 
 
@@ -226,7 +230,7 @@ def choose_token(
     apply_logit_bias(logits, params.logit_bias)
     apply_repetition_penalty(logits, params.prompt_token_ids, token_counts, params.repetition_penalty)
     apply_penalties(logits, token_counts, params.presence_penalty, params.frequency_penalty)
-    if params.temperature <= 0.0:
+    if params.temperature < GREEDY_BELOW:
         return greedy(logits)
     apply_temperature(logits, params.temperature)
     min_p_filter(logits, params.min_p)

@@ -51,6 +51,7 @@ from nanogpt_mlx.server.completions import Completions, Planner, TokenTexts, res
 from nanogpt_mlx.server.engine import Engine, EngineUnavailableError, QueueFullError
 from nanogpt_mlx.server.metrics import ServerMetrics
 from nanogpt_mlx.server.protocol import (
+    TOKEN_ID_MARK,
     APIError,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -75,7 +76,7 @@ from nanogpt_mlx.server.tokenization import token_strings, tokenizer_info
 
 log = logging.getLogger("nanogpt_mlx.server")
 
-RETRY_AFTER_SECONDS = "1"
+RETRY_AFTER_SECONDS = 1  # while loading or draining; a full queue estimates its own (Engine.retry_after)
 
 
 class ServerContext:
@@ -113,11 +114,12 @@ class ServerContext:
         )
         self.token_texts = TokenTexts(self.tokenizer)
         self.completions = Completions(self.planner, self.token_texts)
-        self.chat = ChatCompletions(self.planner, self.token_texts, self.chat_template)
+        self.chat = ChatCompletions(self.planner, self.token_texts, self.chat_template, settings.trust_request_chat_template)
         self.tokenizer_info = tokenizer_info(model_dir, self.max_len, self.chat_template.source)
         self.created = int(time.time())
         self.draining = False
         self.inflight = 0  # completion requests being answered
+        self.open_requests = 0  # HTTP requests being answered, whatever the route (OpenRequests)
 
     def _load_runner(self, rows: int):
         """Runs on the engine thread: every MLX object lives on that thread."""
@@ -131,6 +133,15 @@ class ServerContext:
         model = load_model(self.model_dir)
         log.info("loaded %s on %s (%s) in %.1f s", self.model_dir, device, REPORT.blas_name, time.perf_counter() - started)
         return ModelRunner(model, max_rows=rows, max_len=self.max_len)
+
+    async def fail(self, timeout: float) -> None:
+        """The engine died: answer 503 from now on, and wait (up to `timeout` s) until every open
+        HTTP request has had its answer (the ones it was generating got an error; a body still
+        being uploaded gets a 503) before the process exits."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self.open_requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     async def drain(self, timeout: float) -> None:
         """Graceful shutdown: answer 503 from now on, let in-flight work finish, end the rest.
@@ -167,6 +178,7 @@ def create_app(settings: ServerSettings, model_dir: Path) -> FastAPI:
         openapi_url="/openapi.json",
     )
     app.state.ctx = ctx
+    app.add_middleware(OpenRequests, ctx=ctx)
     _install_error_handlers(app)
     request_log.install(app, ctx.metrics, settings.access_log, settings.log_prompts)
 
@@ -222,7 +234,8 @@ def create_app(settings: ServerSettings, model_dir: Path) -> FastAPI:
         try:
             submission = ctx.engine.submit(plan.sequences)
         except QueueFullError as exc:
-            raise _unavailable(f"The server is overloaded ({exc}); retry shortly.", code="queue_full") from None
+            message = f"The server is overloaded ({exc}); retry in {exc.retry_after} s."
+            raise _unavailable(message, code="queue_full", retry_after=exc.retry_after) from None
         except EngineUnavailableError as exc:
             raise _unavailable(f"The server cannot take requests now: {exc}.") from None
         request_log.note_submission(request.scope, submission)
@@ -278,7 +291,7 @@ def create_app(settings: ServerSettings, model_dir: Path) -> FastAPI:
                 req.check_template_fields()
             except ParamError as exc:
                 raise APIError(400, str(exc), param=exc.param, code=exc.code) from None
-            text = render_messages(req, ctx.chat_template)[0]
+            text = render_messages(req, ctx.chat_template, settings.trust_request_chat_template)[0]
         else:
             req = _parse(TokenizeCompletionRequest, data)
             text = req.prompt
@@ -301,7 +314,7 @@ def create_app(settings: ServerSettings, model_dir: Path) -> FastAPI:
     @app.get("/health")
     async def health():
         engine = ctx.engine
-        status = "draining" if ctx.draining else "ok" if engine.ready else engine.state
+        status = "failed" if engine.state == "failed" else "draining" if ctx.draining else "ok" if engine.ready else engine.state
         body = {
             "status": status,
             "model": ctx.served_names[0],
@@ -313,7 +326,7 @@ def create_app(settings: ServerSettings, model_dir: Path) -> FastAPI:
         if engine.failure:
             body["error"] = engine.failure
         if status != "ok":
-            return JSONResponse(body, status_code=503, headers={"Retry-After": RETRY_AFTER_SECONDS})
+            return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         return body
 
     if settings.metrics:  # with --no-metrics, /metrics is a plain 404
@@ -325,6 +338,24 @@ def create_app(settings: ServerSettings, model_dir: Path) -> FastAPI:
 
     app.openapi = lambda: _openapi(app, settings)
     return app
+
+
+class OpenRequests:
+    """ASGI middleware counting the HTTP requests being answered, in `ctx.open_requests`."""
+
+    def __init__(self, app, ctx: ServerContext):
+        self.app = app
+        self.ctx = ctx
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.ctx.open_requests += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.ctx.open_requests -= 1
 
 
 # --- the OpenAPI schema: bodies are parsed by hand (read_json, _parse), so they are declared here ---
@@ -364,8 +395,25 @@ def _openapi(app: FastAPI, settings: ServerSettings) -> dict:
                 for branch in props.get(field, {}).get("anyOf", [props.get(field, {})]):
                     if branch.get("type") == "integer":
                         branch["maximum"] = maximum
+            for field in ("max_tokens", "max_completion_tokens"):  # a prompt has at least one token
+                for branch in props.get(field, {}).get("anyOf", []):
+                    if branch.get("type") == "integer":
+                        branch["maximum"] = app.state.ctx.max_len - 1
+        _bound_token_ids(components, app.state.ctx.vocab_size - 1)
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _bound_token_ids(node, maximum: int) -> None:
+    """Every token id the schema describes (protocol.TokenId) is at most the vocabulary's last."""
+    if isinstance(node, dict):
+        if node.pop(TOKEN_ID_MARK, False):
+            node["maximum"] = maximum
+        for value in node.values():
+            _bound_token_ids(value, maximum)
+    elif isinstance(node, list):
+        for value in node:
+            _bound_token_ids(value, maximum)
 
 
 # --- request bodies ------------------------------------------------------------------------------
@@ -396,6 +444,8 @@ async def read_json(request: Request, limit: int):
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise APIError(400, f"Request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}.", code="invalid_json") from None
+    except (RecursionError, ValueError) as exc:  # nested too deep; a number of more digits than Python converts
+        raise APIError(400, f"Request body is JSON this server cannot read: {str(exc)[:200]}.", code="invalid_json") from None
 
 
 def _parse(model: type[BaseModel], data):
@@ -461,8 +511,8 @@ def _model_card(ctx: ServerContext, name: str) -> ModelCard:
     return ModelCard(id=name, created=ctx.created, root=str(ctx.model_dir), max_model_len=ctx.max_len, permission=[permission])
 
 
-def _unavailable(message: str, code: str = "service_unavailable") -> APIError:
-    return APIError(503, message, type="server_error", code=code, headers={"Retry-After": RETRY_AFTER_SECONDS})
+def _unavailable(message: str, code: str = "service_unavailable", retry_after: int = RETRY_AFTER_SECONDS) -> APIError:
+    return APIError(503, message, type="server_error", code=code, headers={"Retry-After": str(retry_after)})
 
 
 # --- errors ----------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 Every flag is also an environment variable (see settings.py). On SIGTERM or Ctrl+C the server
 stops admitting (503 with Retry-After, /health 503), lets in-flight requests finish for up to
 --shutdown-timeout seconds, ends whatever still runs with a final chunk (finish_reason "abort"),
-and exits 0. A second signal stops at once.
+and exits 0. A second signal stops at once. If the engine thread dies, /health and new requests
+answer 503 at once; the open requests get their answers (up to --shutdown-timeout) and the
+process exits 1.
 """
 
 from __future__ import annotations
@@ -109,8 +111,17 @@ class GracefulServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         engine = self.ctx.engine
-        if engine.state == "failed" and not self.should_exit:
-            log.error("the engine failed (%s): shutting down", engine.failure)
+        if engine.state == "failed" and self.exit_code == 0 and not self.should_exit:
+            # /health already answers 503 (the engine is not ready); answer every open request
+            # (503 for new work), then exit non-zero so that a supervisor restarts the server.
+            log.error("the engine failed (%s): answering the open requests, then exiting", engine.failure)
             self.exit_code = 1
-            self.should_exit = True
+            self._draining = True
+            self._drain_task = asyncio.ensure_future(self._fail())
         return await super().on_tick(counter)
+
+    async def _fail(self) -> None:
+        try:
+            await self.ctx.fail(self.shutdown_timeout)
+        finally:
+            self.should_exit = True

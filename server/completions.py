@@ -99,6 +99,7 @@ class Planner:
         best_of: int | None = None,
         extra_stop: tuple[str, ...] = (),
         logprobs_param: str = "logprobs",
+        max_tokens_param: str = "max_tokens",
     ) -> Plan:
         """Sequences for `prompts` (token ids); max_tokens None: the rest of the context."""
         n = req.n or 1
@@ -143,7 +144,7 @@ class Planner:
                     f"This model's maximum context length is {self.max_len} tokens, however you requested "
                     f"{len(tokens) + limit} tokens ({len(tokens)} in your prompt; {limit} for the completion). "
                     "Please reduce your prompt; or completion length.",
-                    param="prompt" if len(tokens) > self.max_len else "max_tokens",
+                    param="prompt" if len(tokens) > self.max_len else max_tokens_param,
                     code="context_length_exceeded",
                 )
             limits.append(limit)

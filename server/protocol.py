@@ -20,8 +20,10 @@ why). An explicit `null` means the default, for every field. Validation is other
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import typing
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
@@ -31,6 +33,7 @@ from nanogpt_mlx.server.structured import StructureSpec
 log = logging.getLogger("nanogpt_mlx.server")
 
 MAX_STOP_STRINGS = 4
+TOKEN_ID_MARK = "x-token-id"
 INT64 = {"ge": -(2**63), "le": 2**63 - 1}
 
 
@@ -40,9 +43,38 @@ class _Strict(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None}
-        return data
+        if not isinstance(data, dict):
+            return data
+        integers = _integer_fields(cls)
+        return {
+            key: _integral(value) if key in integers else value
+            for key, value in data.items()
+            if value is not None or key not in cls.model_fields  # an unknown field stays, null or not, to be refused by name
+        }
+
+
+def _integral(value: Any) -> Any:
+    """JSON has one kind of number, and the `integer` of JSON Schema (what /openapi.json publishes)
+    includes 2.0: a float without a fractional part is that integer, also inside lists of token
+    ids. 2.5, "2" and true stay errors."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
+@functools.cache
+def _integer_fields(cls: type[BaseModel]) -> frozenset[str]:
+    """The fields whose values are integers or lists of them (and never floats)."""
+
+    def leaves(annotation) -> set:
+        args = typing.get_args(annotation)
+        if typing.get_origin(annotation) is Annotated:
+            return leaves(args[0])
+        return set().union(*map(leaves, args)) if args else {annotation}
+
+    return frozenset(name for name, f in cls.model_fields.items() if int in (kinds := leaves(f.annotation)) and float not in kinds)
 
 
 # --- fields shared by completions and chat completions --------------------------------------------
@@ -51,7 +83,7 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool = Field(False, description="vLLM: usage so far on every chunk")
 
 
-TokenId = Annotated[int, Field(ge=0)]
+TokenId = Annotated[int, Field(ge=0, json_schema_extra={TOKEN_ID_MARK: True})]  # /openapi.json adds the vocabulary's bound
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 StopList = Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_STRINGS)]
 
@@ -317,7 +349,7 @@ def _json_schema(value: dict[str, Any] | str, param: str) -> dict[str, Any]:
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
 
 
 # --- /v1/completions ----------------------------------------------------------------------------------

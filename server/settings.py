@@ -47,6 +47,10 @@ class ServerSettings(BaseSettings):
         None, description="chat template for /v1/chat/completions: a Jinja file (Hugging Face format) or the template inline; "
         "default: the checkpoint's own, else a plain 'User: / Assistant:' transcript"
     )
+    trust_request_chat_template: bool = Field(
+        False, description="accept a request's own `chat_template` (as vLLM's flag): a template is a program, and one sent by a "
+        "client can keep the server busy for minutes or fill its memory; off: such requests get a 400"
+    )
     shutdown_timeout: float = Field(
         30.0, ge=0, description="on SIGTERM, seconds to let in-flight requests finish before ending them"
     )

@@ -65,7 +65,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(base_url: str, timeout: float = 60.0, alive=lambda: True) -> None:
+def wait_healthy(base_url: str, timeout: float = 300.0, alive=lambda: True) -> None:
+    """Poll /health until it answers 200; the timeout only bounds a hang (a loaded machine loads slowly)."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -135,7 +136,7 @@ class ServeProcess:
 
     def __enter__(self) -> "ServeProcess":
         try:
-            wait_healthy(self.base_url, timeout=90, alive=lambda: self.proc.poll() is None)
+            wait_healthy(self.base_url, alive=lambda: self.proc.poll() is None)
         except BaseException:
             self.stop()
             raise RuntimeError(f"server did not start:\n{self.log()}")
@@ -177,6 +178,40 @@ class RawRequest:
 
     def hang_up(self) -> None:
         self.sock.close()
+
+
+class HeldRequest:
+    """An HTTP/1.1 POST whose body the test sends when it chooses.
+
+    The headers go out with `Expect: 100-continue`; uvicorn answers `100 Continue` when the
+    route starts reading the body, so `wait_until_reading()` returns once the request is provably
+    being answered by the application. `finish()` sends the body and returns (status, JSON body).
+    """
+
+    def __init__(self, base_url: str, path: str, body: dict):
+        host, port = base_url.removeprefix("http://").split(":")
+        self.payload = json.dumps(body).encode()
+        head = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Type: application/json",
+                f"Content-Length: {len(self.payload)}", "Expect: 100-continue", "Connection: close"]
+        self.sock = socket.create_connection((host, int(port)), timeout=120)  # bounds a hang only
+        self.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+
+    def wait_until_reading(self) -> None:
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = self.sock.recv(4096)
+            assert chunk, f"the server closed the connection: {received!r}"
+            received += chunk
+        assert received.startswith(b"HTTP/1.1 100 "), received
+
+    def finish(self) -> tuple[int, dict]:
+        self.sock.sendall(self.payload)
+        received = b""
+        while chunk := self.sock.recv(65536):
+            received += chunk
+        self.sock.close()
+        head, _, body = received.partition(b"\r\n\r\n")
+        return int(head.split()[1]), json.loads(body)
 
 
 def wait_for(condition, what: str, timeout: float = 120.0, interval: float = 0.02):

@@ -29,7 +29,7 @@ from conftest import REPO_ROOT, cli_command, cli_env
 from nanogpt_mlx.server.metrics import _FAMILIES, DISCARD, ServerMetrics
 from server_support import HOST, RawRequest, ServeProcess, ThreadedServer, free_port, metric_value, sse_payloads
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(600)
 
 DEPLOY = REPO_ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "nanogpt-mlx.json"
@@ -157,7 +157,7 @@ def prometheus(served, tmp_path_factory):
     )
     base_url = f"http://{HOST}:{port}"
     try:
-        wait_until(lambda: httpx.get(base_url + "/-/ready", timeout=2).status_code == 200, 30, "Prometheus ready", proc)
+        wait_until(lambda: httpx.get(base_url + "/-/ready", timeout=2).status_code == 200, 120, "Prometheus ready", proc)
         yield base_url
     finally:
         proc.terminate()
@@ -351,8 +351,9 @@ def test_every_dashboard_query_returns_data_in_a_real_prometheus(served, prometh
                 found.append(f"{title}: {expr} -> {values} (expected a positive value after the traffic)")
         return found
 
-    # Series born during the traffic (an error code's first count) need two scrapes for rate().
-    deadline = time.monotonic() + 30
+    # Series born during the traffic (an error code's first count) need two scrapes for rate();
+    # the deadline only bounds a hang.
+    deadline = time.monotonic() + 180
     while (remaining := problems()) and time.monotonic() < deadline:
         time.sleep(1)
     assert not remaining, "\n".join(remaining)
@@ -388,18 +389,21 @@ def test_json_access_log_has_ids_status_tokens_latency_and_no_prompt(served):
     rid = f"log-check-{time.monotonic_ns()}"
     with httpx.Client(base_url=served.base_url, timeout=30, headers={"Authorization": f"Bearer {KEY}"}) as client:
         body = {"model": MODEL, "prompt": SECRET_PROMPT, "max_tokens": 5, "ignore_eos": True}
+        sent = time.monotonic()
         usage = client.post("/v1/completions", json=body, headers={"X-Request-ID": rid}).json()["usage"]
+        elapsed = time.monotonic() - sent  # the server's latency lies within what the client waited
         with client.stream("POST", "/v1/completions", json={**body, "stream": True}, headers={"X-Request-ID": rid + "-s"}) as r:
             r.read()
         client.post("/v1/completions", json={**body, "model": "nope"}, headers={"X-Request-ID": rid + "-e"})
 
     def find(request_id: str) -> dict:
-        return wait_until(lambda: next((l for l in access_lines(served) if l["request_id"] == request_id), None), 10, f"log line {request_id}")
+        line = lambda: next((entry for entry in access_lines(served) if entry["request_id"] == request_id), None)  # noqa: E731
+        return wait_until(line, 120, f"log line {request_id}")
 
     line = find(rid)
     assert (line["method"], line["path"], line["status"]) == ("POST", "/v1/completions", 200)
     assert (line["prompt_tokens"], line["completion_tokens"]) == (usage["prompt_tokens"], usage["completion_tokens"]) == (usage["prompt_tokens"], 5)
-    assert 0 < line["latency_s"] < 30 and line["client"].startswith(HOST)
+    assert 0 < line["latency_s"] <= elapsed and line["client"].startswith(HOST)
     assert "time" in line and "prompts" not in line
     streamed = find(rid + "-s")
     assert (streamed["status"], streamed["completion_tokens"]) == (200, 5)

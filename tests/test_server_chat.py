@@ -16,7 +16,7 @@ from server_support import VLLM_CHAT_FIELDS, ThreadedServer, metric_value, sse_p
 from nanogpt_mlx.model.tokenizer import get_tokenizer
 from nanogpt_mlx.server.chat import DEFAULT_CHAT_STOP
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(600)
 
 MODEL = "nanogpt-mlx"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
@@ -156,14 +156,18 @@ def test_continue_final_message_and_echo(http):
     assert body["choices"][0]["message"]["content"].startswith("My answer is")
 
 
-def test_a_request_may_bring_its_own_template(http, server):
-    tokenizer = get_tokenizer(server.settings.model)
+def test_a_request_may_bring_its_own_template_when_the_server_trusts_it(http, tiny_checkpoint):
     template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
-    body = chat(http, max_tokens=2, chat_template=template, return_prompt_text=True)
-    assert body["prompt_text"] == "[system] You are terse.\n[user] Name a colour.\n[assistant]"
-    assert body["usage"]["prompt_tokens"] == len(tokenizer.encode(body["prompt_text"]))
-    r = http.post("/v1/chat/completions", json={"messages": MESSAGES, "chat_template": "{% for %}"})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template"
+    refused = http.post("/v1/chat/completions", json={"messages": MESSAGES, "chat_template": template})  # not trusted by default
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "chat_template"
+    assert "--trust-request-chat-template" in refused.json()["error"]["message"]
+    with ThreadedServer(tiny_checkpoint, trust_request_chat_template=True) as s, httpx.Client(base_url=s.base_url, timeout=60) as client:
+        tokenizer = get_tokenizer(s.settings.model)
+        body = chat(client, max_tokens=2, chat_template=template, return_prompt_text=True)
+        assert body["prompt_text"] == "[system] You are terse.\n[user] Name a colour.\n[assistant]"
+        assert body["usage"]["prompt_tokens"] == len(tokenizer.encode(body["prompt_text"]))
+        r = client.post("/v1/chat/completions", json={"messages": MESSAGES, "chat_template": "{% for %}"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template"
 
 
 # --- errors -------------------------------------------------------------------------------------------

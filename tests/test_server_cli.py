@@ -44,7 +44,7 @@ def aborted(http: httpx.Client) -> float:
     return metric_value(http.get("/metrics").text, "nanogpt_mlx_requests_finished_total", 'finish_reason="abort"')
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_api_key_from_the_environment_is_required(served):
     r = httpx.post(served.base_url + "/v1/completions", json={"prompt": "x"}, timeout=10)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
@@ -57,7 +57,7 @@ def test_api_key_from_the_environment_is_required(served):
     assert httpx.get(served.base_url + "/metrics", timeout=10).status_code == 200
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_full_size_greedy_stream_equals_the_reference_loop(served, full_checkpoint):
     tokenizer = get_tokenizer(full_checkpoint)
     prompt = "The history of the world"
@@ -69,7 +69,7 @@ def test_full_size_greedy_stream_equals_the_reference_loop(served, full_checkpoi
     assert chunks[-1].usage.completion_tokens == len(expected)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_a_disconnected_stream_frees_its_slot(http):
     before = aborted(http)
     body = {"model": MODEL, "prompt": "Tell me everything", "max_tokens": 450, "ignore_eos": True, "stream": True}
@@ -85,7 +85,7 @@ def test_a_disconnected_stream_frees_its_slot(http):
     assert aborted(http) == before + 1
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_a_disconnected_non_streaming_request_frees_its_slot(http, served):
     before = aborted(http)
     request = RawRequest(served.base_url, "/v1/completions", {"model": MODEL, "prompt": "Go on", "max_tokens": 450, "ignore_eos": True},
@@ -96,7 +96,7 @@ def test_a_disconnected_non_streaming_request_frees_its_slot(http, served):
     assert aborted(http) == before + 1
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_a_full_queue_is_503_with_retry_after_at_once(http, served):
     """With both slots and the one waiting place taken, one more request is refused without
     waiting for a place: the queue is exactly as full when the answer arrives."""
@@ -119,7 +119,8 @@ def test_a_full_queue_is_503_with_retry_after_at_once(http, served):
         r = http.post("/v1/completions", json={"model": MODEL, "prompt": "one more", "max_tokens": 2})
         after = http.get("/health").json()
         assert r.status_code == 503
-        assert r.headers["retry-after"] == "1"
+        retry_after = int(r.headers["retry-after"])  # the engine's estimate (tests/test_overload.py checks it)
+        assert 1 <= retry_after <= 60 and f"retry in {retry_after} s" in r.json()["error"]["message"]
         assert r.json()["error"]["code"] == "queue_full"
         assert (after["running"], after["waiting"]) == (2, 1)  # nothing moved: it did not wait for a place
     finally:
@@ -192,7 +193,7 @@ def test_sigterm_at_the_deadline_ends_streams_with_a_final_chunk_and_exits_0(ful
     assert code == 0, log
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(600)
 def test_serve_with_a_bad_model_directory_exits_2_with_a_message(run_cli, tmp_path):
     proc = run_cli("serve", "--model", str(tmp_path / "missing"), "--port", "0")
     assert proc.returncode == 2

@@ -19,7 +19,7 @@ from nanogpt_mlx.model.sampling import SamplingParams, log_softmax
 from nanogpt_mlx.model.tokenizer import EOT_ID, get_tokenizer
 from nanogpt_mlx.server.engine import Engine, OutputProcessor, QueueFullError, SequenceRequest, StepStats
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(600)
 
 
 def make_engine(checkpoint, runner_wrapper=None, **kw) -> Engine:
@@ -33,7 +33,7 @@ def make_engine(checkpoint, runner_wrapper=None, **kw) -> Engine:
     kw.setdefault("max_queue", 64)
     engine = Engine(factory, get_tokenizer(checkpoint), max_len=config_len, **kw)
     engine.start()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300  # bounds a hang only
     while not engine.ready:
         assert engine.state != "failed", engine.failure
         assert time.monotonic() < deadline, "engine did not become ready"
@@ -371,20 +371,41 @@ def test_a_failing_step_ends_its_sequences_with_an_error_and_the_engine_keeps_se
 
 
 def test_shutdown_ends_running_sequences_with_abort(tiny_checkpoint):
-    engine = make_engine(tiny_checkpoint, max_batch=2)
+    """drain(0) while two sequences decode and two wait: all four end with "abort". The model is
+    held in its first decode until drain() has begun, so no sequence can finish first."""
+    decoding, released = threading.Event(), threading.Event()
+
+    def held(runner):
+        decode, calls = runner.decode, []
+
+        def held_decode(tokens, positions):
+            calls.append(len(tokens))
+            if len(calls) == 2:  # call 1 is the warm-up
+                decoding.set()
+                released.wait(60)
+            return decode(tokens, positions)
+
+        runner.decode = held_decode
+        return runner
+
+    engine = make_engine(tiny_checkpoint, runner_wrapper=held, max_batch=2)
 
     async def go():
         submission = engine.submit([greedy([1, 2, 3], 120, ignore_eos=True) for _ in range(4)])
-        await asyncio.sleep(0.05)
-        assert await engine.drain(timeout=0.0) is False
+        assert await asyncio.to_thread(decoding.wait, 60), "no decode step"
+        drained = asyncio.ensure_future(engine.drain(timeout=0.0))
+        await asyncio.sleep(0)  # drain() runs until its first wait: it has stopped admitting and asked for the aborts
+        released.set()
+        assert await drained is False
         return await collect(submission)
 
     try:
         results = asyncio.run(go())
     finally:
+        released.set()
         engine.shutdown()
-    assert {r["finish"] for r in results} <= {"abort", "length"}
-    assert "abort" in {r["finish"] for r in results}
+    assert [r["finish"] for r in results] == ["abort"] * 4
+    assert all(0 < r["completion_tokens"] < 120 for r in results[:2]) and all(r["completion_tokens"] == 0 for r in results[2:])
     assert engine.idle
 
 

@@ -10,7 +10,7 @@ from server_support import VLLM_COMPLETION_FIELDS, ThreadedServer
 
 from nanogpt_mlx.server.protocol import ChatCompletionRequest, CompletionRequest
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(600)
 
 MAX_N, MAX_LOGPROBS = 6, 7
 

@@ -9,7 +9,7 @@ from server_support import ThreadedServer
 
 from nanogpt_mlx.model.tokenizer import EOT_ID
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(600)
 
 TEXTS = ["Hello world", " leading space", "naïve café — 東京", "two<|endoftext|>docs", "", "a\n\n\tb  c"]
 

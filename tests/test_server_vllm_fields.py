@@ -9,14 +9,15 @@ import copy
 import json
 import logging
 import math
+import threading
 
 import httpx
 import pytest
-from server_support import VLLM_COMPLETION_FIELDS, ThreadedServer, stream_chunks
+from server_support import VLLM_COMPLETION_FIELDS, ThreadedServer, stream_chunks, wait_for
 
 from nanogpt_mlx.model.tokenizer import EOT_ID, get_tokenizer
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(600)
 
 MODEL = "nanogpt-mlx"
 
@@ -283,6 +284,10 @@ def test_continuous_usage_stats_put_usage_on_every_chunk(http):
 # --- priority ---------------------------------------------------------------------------------------
 def test_priority_orders_admission_lower_first(tiny_checkpoint):
     with ThreadedServer(tiny_checkpoint, max_batch=1, max_queue=8) as s:
+        # The holder's decode waits until both others are queued, so it cannot finish first.
+        runner = s.ctx.engine.runner
+        decode, queued = runner.decode, threading.Event()
+        runner.decode = lambda tokens, positions: (queued.wait(120), decode(tokens, positions))[1]
 
         async def run() -> list[str]:
             order: list[str] = []
@@ -299,8 +304,7 @@ def test_priority_orders_admission_lower_first(tiny_checkpoint):
                                 started.set()
 
             async def waiting(count: int):
-                while s.ctx.engine.waiting_count < count:
-                    await asyncio.sleep(0.01)
+                await asyncio.to_thread(wait_for, lambda: s.ctx.engine.waiting_count >= count, f"{count} waiting")
 
             async with httpx.AsyncClient(base_url=s.base_url, timeout=60) as client:
                 started = asyncio.Event()
@@ -310,6 +314,7 @@ def test_priority_orders_admission_lower_first(tiny_checkpoint):
                 await waiting(1)
                 early = asyncio.create_task(one(client, "high", -5, 4))
                 await waiting(2)
+                queued.set()
                 await asyncio.gather(holder, late, early)
             return order
 

@@ -4,6 +4,7 @@
     slots.py   the KV-cache row table (plain Python)
     output.py  one sequence's logits -> (structure mask) tokens, text, logprobs, finish reasons
     loop.py    the Engine: its thread, the waiting queue, the step, the lifecycle
+    faults.py  tests only: fault injection from NANOGPT_MLX_FAULT_INJECTION
 """
 
 from nanogpt_mlx.server.engine.loop import Engine, Sequence, Submission

@@ -35,9 +35,11 @@ import numpy as np
 
 from nanogpt_mlx.model.runner import PrefillChunk, Runner
 from nanogpt_mlx.model.tokenizer import EOT_ID
+from nanogpt_mlx.server.engine import faults
 from nanogpt_mlx.server.engine.output import OutputProcessor
 from nanogpt_mlx.server.engine.slots import SlotTable
 from nanogpt_mlx.server.engine.types import (
+    RATE_WINDOW,
     EngineUnavailableError,
     QueueFullError,
     SequenceOutput,
@@ -45,6 +47,7 @@ from nanogpt_mlx.server.engine.types import (
     SequenceStats,
     StatsCallback,
     StepStats,
+    retry_after_seconds,
 )
 
 log = logging.getLogger("nanogpt_mlx.engine")
@@ -125,6 +128,7 @@ class Sequence:
         self.admitted_at: float | None = None
         self.first_token_at: float | None = None
         self.last_token_at = 0.0
+        self.fault: str | None = None  # tests only: the fault injected into it (faults.py)
 
     @property
     def generated(self) -> int:
@@ -163,6 +167,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.prefill_forward = min(prefill_forward, prefill_chunk)
         self._stats_callback = stats_callback
+        self._faults = faults.from_environment(tokenizer)  # None unless a test asks (faults.py)
 
         self.state = "created"  # created -> loading -> ready -> stopped | failed
         self.failure: str | None = None
@@ -182,6 +187,8 @@ class Engine:
         self._outputs: list[Sequence] = []  # sequences with output pending this step
         self._stats = StepStats()  # this step's, until reported
         self._active = 0  # running + prefilling, readable from any thread
+        self._ready_at = 0.0  # when the engine became ready (monotonic)
+        self._finished_at: deque[float] = deque(maxlen=4096)  # recent finishes, for retry_after()
 
     # --- lifecycle (any thread) -----------------------------------------------------------------
     def start(self) -> None:
@@ -195,6 +202,7 @@ class Engine:
         make every later call on this thread."""
         self._runner = self._runner_factory(self.max_batch + 1)
         self._warm_up()
+        self._ready_at = time.monotonic()
         self.state = "ready"
 
     @property
@@ -218,6 +226,12 @@ class Engine:
     @property
     def idle(self) -> bool:
         return not self._waiting and self._active == 0
+
+    def retry_after(self) -> int:
+        """Seconds a client refused with a full queue should wait (types.retry_after_seconds)."""
+        now = time.monotonic()
+        finished = [t for t in list(self._finished_at) if now - t <= RATE_WINDOW]  # list(): a snapshot
+        return retry_after_seconds(len(self._waiting), finished, now - self._ready_at, now)
 
     def stop_admitting(self) -> None:
         self._accepting = False
@@ -266,10 +280,13 @@ class Engine:
             if not r.prompt or len(r.prompt) + r.max_tokens > self.max_len:
                 raise ValueError(f"prompt of {len(r.prompt)} tokens + max_tokens {r.max_tokens} must be 1..{self.max_len}")
         submission = Submission(self, requests, self._tokenizer, time.monotonic())
+        if self._faults is not None:
+            self._faults.mark(submission.sequences)
         with self._wake:
             free_slots = self.max_batch - self._active
             if len(self._waiting) + len(requests) > self.max_queue + max(0, free_slots):
-                raise QueueFullError(f"{len(self._waiting)} sequences are already waiting (limit {self.max_queue})")
+                message = f"{len(self._waiting)} sequences are already waiting (limit {self.max_queue})"
+                raise QueueFullError(message, self.retry_after())
             for seq in submission.sequences:  # by priority (lower first), FIFO among equals
                 at = len(self._waiting)
                 while at and self._waiting[at - 1].request.priority > seq.request.priority:
@@ -294,6 +311,8 @@ class Engine:
                         self._wake.wait()
                     if self._stop and not self._waiting and not self._active:
                         break
+                if self._faults is not None:
+                    self._faults.before_step(self)  # tests only: may hold admissions or end this loop
                 self.step()
         except BaseException as exc:
             self.failure = _describe(exc)
@@ -489,6 +508,8 @@ class Engine:
     # --- one token --------------------------------------------------------------------------------------
     def _accept_token(self, seq: Sequence, logits: np.ndarray) -> str | None:
         """Sample the sequence's next token (output.py) and time it; return a finish_reason or None."""
+        if seq.fault is not None:
+            self._faults.on_token(seq)  # tests only: may raise, as a failing output step would
         finish = seq.output.accept(logits, at_context_end=seq.cached >= self.max_len)
         now = time.monotonic()
         stats = self._stats
@@ -518,6 +539,7 @@ class Engine:
         seq.state = DONE
         self._mark_output(seq)
         now = time.monotonic()
+        self._finished_at.append(now)
         admitted, first = seq.admitted_at, seq.first_token_at
         self._stats.finished.append(
             SequenceStats(

@@ -26,7 +26,7 @@ def rng_for(request: SequenceRequest) -> np.random.Generator:
     seed = request.params.seed
     if seed is None or request.choice == 0:
         return request.params.make_rng()
-    return np.random.default_rng([seed, request.choice])
+    return np.random.default_rng([seed % 2**64, request.choice])  # NumPy takes no negative seed
 
 
 class OutputProcessor:

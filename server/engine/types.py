@@ -8,6 +8,7 @@ sequence that finished in that step; the engine itself knows nothing of Promethe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -89,6 +90,30 @@ FINISH_REASONS = ("stop", "length", "abort", "error")
 # --- errors ------------------------------------------------------------------------------------------
 class QueueFullError(Exception):
     """The waiting queue has no room for the request's sequences (try again later)."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after  # seconds: the engine's estimate (retry_after_seconds)
+
+
+RATE_WINDOW = 60.0  # seconds of finished sequences the Retry-After estimate looks back on
+MAX_RETRY_AFTER = 60
+
+
+def retry_after_seconds(waiting: int, finished_at: list[float], ready_for: float, now: float) -> int:
+    """When a refused client should come back: once the sequences waiting now have slots.
+
+    Every finished sequence frees a slot for a waiting one, so the queue drains at the rate
+    sequences finished recently: `rate` = finishes in the last RATE_WINDOW seconds (or since
+    the engine became ready, `ready_for` seconds ago, if that is shorter) / that window; the
+    answer is ceil(waiting / rate), at least 1 and at most MAX_RETRY_AFTER seconds. With no
+    finish in the window there is no rate to go by, and the answer is 1.
+    """
+    window = min(RATE_WINDOW, ready_for)
+    finished = sum(1 for t in finished_at if now - t <= window)
+    if finished == 0 or window <= 0:
+        return 1
+    return max(1, min(MAX_RETRY_AFTER, math.ceil(waiting * window / finished)))
 
 
 class EngineUnavailableError(Exception):
