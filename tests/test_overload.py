@@ -76,7 +76,8 @@ def test_four_times_the_capacity_at_once_the_excess_gets_503_and_the_admitted_co
                     await asyncio.sleep(0.01)
                 assert await asyncio.to_thread(decoding.wait, 120), "no decode step"  # the first two are admitted
                 health = (await client.get("/health")).json()
-                assert (health["running"], health["waiting"]) == (MAX_BATCH, MAX_QUEUE)
+                # The first arrival may hold the (stalled) engine alone: then one more waits in its place.
+                assert health["running"] >= 1 and health["running"] + health["waiting"] == ADMITTED, health
                 assert sum(t.done() for t in tasks.values()) == refused  # nothing admitted has finished
                 released.set()
                 return {i: await t for i, t in tasks.items()}
