@@ -41,6 +41,7 @@ PROMPT_TOKENS = 50
 # --- worker: runs in a subprocess with the runtime chosen by its environment -------------------------
 def worker(args) -> dict:
     import nanogpt_mlx  # noqa: F401  (before mlx.core: BLAS, FTZ/DAZ, malloc)
+    # isort: split
     import mlx.core as mx
     import numpy as np
 
@@ -48,8 +49,8 @@ def worker(args) -> dict:
     from nanogpt_mlx.model.cpu import blas, runtime
     from nanogpt_mlx.model.device import measure_gflops, select_device
     from nanogpt_mlx.model.generate import generate_tokens
-    from nanogpt_mlx.model.runner import ModelRunner
     from nanogpt_mlx.model.gpt import GPT
+    from nanogpt_mlx.model.runner import ModelRunner
     from nanogpt_mlx.model.sampling import SamplingParams
 
     device = select_device(args.device)
@@ -180,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
 
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, load avg {load}")
-    print(f"software: python {platform.python_version()}, mlx {metadata.version('mlx')}, nanogpt-mlx {metadata.version('nanogpt-mlx')} at {git_state()}")
+    versions = f"python {platform.python_version()}, mlx {metadata.version('mlx')}, nanogpt-mlx {metadata.version('nanogpt-mlx')}"
+    print(f"software: {versions} at {git_state()}")
     print(f"model: random weights, {fast['params']:,} parameters, fp32, device {fast['device']}")
     print()
     cols = [("", "optimized BLAS"), ("", "stock (NANOGPT_MLX_NO_BLAS=1)")]
@@ -199,9 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         print(" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     if stock:
         print()
-        print(f"The stock path decodes {args.stock_tokens} tokens ({runs_text(args.stock_runs)}), not {args.tokens}, because it is slow;"
-              " its prefill and forward figures come from one pass each."
-              + ("" if args.stock_forward else " Its 8x512 forward is skipped (--stock-forward runs one pass)."))
+        print(
+            f"The stock path decodes {args.stock_tokens} tokens ({runs_text(args.stock_runs)}), not {args.tokens}, because it is slow;"
+            " its prefill and forward figures come from one pass each."
+            + ("" if args.stock_forward else " Its 8x512 forward is skipped (--stock-forward runs one pass).")
+        )
     if args.json:
         print(json.dumps({"optimized": fast, "stock": stock}, indent=2))
     return 0

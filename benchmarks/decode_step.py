@@ -40,6 +40,7 @@ SETTINGS = {
 
 def worker(setting: str, rows: list[int], position: int, steps: int) -> dict:
     import nanogpt_mlx  # noqa: F401  (before mlx.core and numpy: BLAS, thread settings)
+    # isort: split
     import mlx.core as mx
     import numpy as np
 
@@ -90,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=12, help="timed steps per row count; the median is reported")
     p.add_argument("--rounds", type=int, default=3, help="subprocesses per setting, in alternating order")
     p.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
-    p.add_argument("--blas", nargs="+", choices=["auto", "openblas+mkl", "openblas", "mkl"], default=["auto"], help="BLAS for MLX's matmuls")
+    p.add_argument(
+        "--blas", nargs="+", choices=["auto", "openblas+mkl", "openblas", "mkl"], default=["auto"], help="BLAS for MLX's matmuls"
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--worker", choices=sorted(SETTINGS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -111,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             results[name].append(run_worker(blas, setting, args))
     medians = {name: {B: statistics.median(run[B] for run in runs) for B in args.rows} for name, runs in results.items()}
 
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['system']}, mlx {machine['mlx']}, "
-          f"auto BLAS {machine['blas']} ({machine['blas_threads']} threads), load avg {machine['load_average']}, {machine['git']}")
+    print(
+        f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['system']}, mlx {machine['mlx']}, "
+        f"auto BLAS {machine['blas']} ({machine['blas_threads']} threads), load avg {machine['load_average']}, {machine['git']}"
+    )
     print(f"decode step, position {args.position}: median ms over {args.rounds} rounds x {args.steps} steps")
     print("rows | " + " | ".join(names) + (f" | ratios to {names[0]}" if len(names) > 1 else ""))
     for B in args.rows:

@@ -22,6 +22,7 @@ from nanogpt_mlx.benchmarks.machine import cpu_model, git_state
 
 def worker(fast: bool, batch: int, seq: int, steps: int) -> dict:
     import nanogpt_mlx  # noqa: F401  (prepares the CPU runtime before MLX loads)
+    # isort: split
     from nanogpt_mlx.benchmarks.train_speed import measure
     from nanogpt_mlx.model.cpu import fast_ops
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 
 import nanogpt_mlx  # noqa: F401  (prepares the runtime before mlx.core loads)
+
+# isort: split
 from nanogpt_mlx.model import device
 from nanogpt_mlx.model.cpu import blas, runtime
 

@@ -156,7 +156,12 @@ def main(argv: list[str] | None = None) -> int:
                         scrape = args.scrape_interval if name == "metrics on" and args.scrape_interval > 0 else None
                         level = asyncio.run(measure(base_url, c, args, scrape))
                         runs[name][c].append(level)
-                        print(f"round {r + 1} c={c:<3} {name:<11} {level['output_tok_s']:7.1f} tok/s  TTFT p95 {level['ttft_p95_s'] * 1e3:5.0f} ms  {level['errors']} errors", flush=True)
+                        ttft_ms = level["ttft_p95_s"] * 1e3
+                        print(
+                            f"round {r + 1} c={c:<3} {name:<11} {level['output_tok_s']:7.1f} tok/s  "
+                            f"TTFT p95 {ttft_ms:5.0f} ms  {level['errors']} errors",
+                            flush=True,
+                        )
         finally:
             for _, proc, _ in servers.values():
                 proc.send_signal(signal.SIGTERM)
@@ -171,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     render = exposition_seconds()
     scrape_share = render / args.scrape_interval if args.scrape_interval > 0 else 0.0
     print()
-    print(f"{'conc':>4} {'with (tok/s)':>13} {'without':>9} {'overhead':>9} {'paired':>8} {'metric calls':>13} {'scrapes':>8}   rounds with / without")
+    print(
+        f"{'conc':>4} {'with (tok/s)':>13} {'without':>9} {'overhead':>9} {'paired':>8} "
+        f"{'metric calls':>13} {'scrapes':>8}   rounds with / without"
+    )
     for c in args.concurrency:
         on = [lvl["output_tok_s"] for lvl in runs["metrics on"][c]]
         off = [lvl["output_tok_s"] for lvl in runs["metrics off"][c]]
@@ -193,11 +201,17 @@ def main(argv: list[str] | None = None) -> int:
                 "metric_calls_share_of_time": calls_share,
                 "exposition_s": render,
                 "exposition_share_of_time": scrape_share,
-                "ttft_p95_s": {"with": statistics.median(l["ttft_p95_s"] for l in runs["metrics on"][c]), "without": statistics.median(l["ttft_p95_s"] for l in runs["metrics off"][c])},
+                "ttft_p95_s": {
+                    "with": statistics.median(l["ttft_p95_s"] for l in runs["metrics on"][c]),
+                    "without": statistics.median(l["ttft_p95_s"] for l in runs["metrics off"][c]),
+                },
             }
         )
         rounds = f"{' '.join(f'{v:.0f}' for v in on)} / {' '.join(f'{v:.0f}' for v in off)}"
-        print(f"{c:>4} {on_median:>13.1f} {off_median:>9.1f} {overhead * 100:>8.2f}% {paired * 100:>7.2f}% {calls_share * 100:>12.3f}% {scrape_share * 100:>7.3f}%   {rounds}")
+        print(
+            f"{c:>4} {on_median:>13.1f} {off_median:>9.1f} {overhead * 100:>8.2f}% {paired * 100:>7.2f}% "
+            f"{calls_share * 100:>12.3f}% {scrape_share * 100:>7.3f}%   {rounds}"
+        )
     print("overhead = 1 - with / without, of the medians; paired = median over rounds of each round's overhead")
     print("(negative: the server with metrics was faster, i.e. noise)")
     print("metric calls = the stats callback's work per token x tokens per second, measured in-process")

@@ -55,6 +55,7 @@ def free_port() -> int:
 
 def random_full_size_checkpoint(directory: Path) -> Path:
     import nanogpt_mlx  # noqa: F401  (prepares the runtime before mlx.core)
+    # isort: split
     from nanogpt_mlx.model.checkpoint import save_checkpoint
     from nanogpt_mlx.model.config import ModelConfig
     from nanogpt_mlx.model.gpt import GPT

@@ -17,6 +17,8 @@ import statistics
 import time
 
 import nanogpt_mlx  # noqa: F401  (sets up the fast CPU runtime before mlx.core is imported)
+
+# isort: split
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim

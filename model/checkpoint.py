@@ -31,7 +31,14 @@ from nanogpt_mlx.model.gpt import GPT
 from nanogpt_mlx.model.tokenizer import bundled_bpe_files
 
 WEIGHTS_FILE = "model.safetensors"
-DTYPES = {"float32": mx.float32, "fp32": mx.float32, "float16": mx.float16, "fp16": mx.float16, "bfloat16": mx.bfloat16, "bf16": mx.bfloat16}
+DTYPES = {
+    "float32": mx.float32,
+    "fp32": mx.float32,
+    "float16": mx.float16,
+    "fp16": mx.float16,
+    "bfloat16": mx.bfloat16,
+    "bf16": mx.bfloat16,
+}
 
 
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"

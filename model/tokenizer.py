@@ -94,7 +94,14 @@ def _complete_utf8_prefix(data: bytes) -> int:
             continue
         if byte & 0b1000_0000 == 0:  # ASCII
             return n
-        need = 2 if byte & 0b1110_0000 == 0b1100_0000 else 3 if byte & 0b1111_0000 == 0b1110_0000 else 4 if byte & 0b1111_1000 == 0b1111_0000 else 1
+        if byte & 0b1110_0000 == 0b1100_0000:
+            need = 2
+        elif byte & 0b1111_0000 == 0b1110_0000:
+            need = 3
+        elif byte & 0b1111_1000 == 0b1111_0000:
+            need = 4
+        else:
+            need = 1
         return n if back >= need else n - back
     return n
 
@@ -126,14 +133,14 @@ def text_to_token(tokenizer: tiktoken.Encoding, text: str) -> int | None:
     if token is not None:
         return token
     if text.startswith(BYTES_PREFIX):
-        escapes = text[len(BYTES_PREFIX):]
-        if len(escapes) % 4 == 0 and escapes and all(escapes[i:i + 2] == "\\x" for i in range(0, len(escapes), 4)):
+        escapes = text[len(BYTES_PREFIX) :]
+        if len(escapes) % 4 == 0 and escapes and all(escapes[i : i + 2] == "\\x" for i in range(0, len(escapes), 4)):
             try:
                 return by_bytes.get(bytes.fromhex(escapes.replace("\\x", "")))
             except ValueError:
                 return None
     if text.startswith(TOKEN_ID_PREFIX):
-        number = text[len(TOKEN_ID_PREFIX):]
+        number = text[len(TOKEN_ID_PREFIX) :]
         if number.isdigit() and int(number) < tokenizer.n_vocab:
             return int(number)
     return None

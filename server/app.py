@@ -443,7 +443,9 @@ async def read_json(request: Request, limit: int):
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise APIError(400, f"Request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}.", code="invalid_json") from None
+        raise APIError(
+            400, f"Request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}.", code="invalid_json"
+        ) from None
     except (RecursionError, ValueError) as exc:  # nested too deep; a number of more digits than Python converts
         raise APIError(400, f"Request body is JSON this server cannot read: {str(exc)[:200]}.", code="invalid_json") from None
 
@@ -530,7 +532,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def request_validation_error(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        return render(request, APIError(400, f"Invalid request: {first.get('msg', 'bad input')}", param=".".join(loc) or None, code="invalid_value"))
+        return render(
+            request, APIError(400, f"Invalid request: {first.get('msg', 'bad input')}", param=".".join(loc) or None, code="invalid_value")
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -540,4 +544,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return render(request, APIError(500, "The server had an error while processing your request.", type="server_error", code="internal_error"))
+        return render(
+            request, APIError(500, "The server had an error while processing your request.", type="server_error", code="internal_error")
+        )

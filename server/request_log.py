@@ -58,7 +58,7 @@ class RequestRecord:
     error_code: str | None = None
     prompt_tokens: int | None = None
     prompts: list[str] | None = None  # only when prompts are to be logged
-    submission: "Submission | None" = None
+    submission: Submission | None = None
     log_prompts: bool = False
 
     @property
@@ -80,7 +80,7 @@ def note_error_code(scope: dict, code: str | None) -> None:
         record.error_code = code
 
 
-def note_completion(scope: dict, plan: "Plan") -> None:
+def note_completion(scope: dict, plan: Plan) -> None:
     record = request_record(scope)
     if record is None:
         return
@@ -89,7 +89,7 @@ def note_completion(scope: dict, plan: "Plan") -> None:
         record.prompts = list(plan.prompt_texts)
 
 
-def note_submission(scope: dict, submission: "Submission") -> None:
+def note_submission(scope: dict, submission: Submission) -> None:
     record = request_record(scope)
     if record is not None:
         record.submission = submission
@@ -99,7 +99,7 @@ def note_submission(scope: dict, submission: "Submission") -> None:
 class RequestLogMiddleware:
     """ASGI middleware: X-Request-ID, HTTP counters and the access log line (see the module doc)."""
 
-    def __init__(self, app, metrics: "ServerMetrics", access_log_format: str = "text", log_prompts: bool = False):
+    def __init__(self, app, metrics: ServerMetrics, access_log_format: str = "text", log_prompts: bool = False):
         if access_log_format not in ("text", "json", "off"):
             raise ValueError(f"access_log_format must be text, json or off, not {access_log_format!r}")
         self.app = app
@@ -194,7 +194,7 @@ def _text_value(value: Any) -> str:
 
 
 # --- wiring -------------------------------------------------------------------------------------------
-def install(app, metrics: "ServerMetrics", access_log_format: str, log_prompts: bool) -> None:
+def install(app, metrics: ServerMetrics, access_log_format: str, log_prompts: bool) -> None:
     """Wrap `app`'s complete middleware stack (Starlette's ServerErrorMiddleware included).
 
     `app.add_middleware` would place us inside ServerErrorMiddleware, whose 500 responses would

@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 
 import nanogpt_mlx  # noqa: F401  (must precede mlx.core: prepares BLAS / FTZ / malloc)
+
+# isort: split
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np

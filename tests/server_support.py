@@ -103,7 +103,7 @@ class ThreadedServer:
     def ctx(self):
         return self.app.state.ctx
 
-    def __enter__(self) -> "ThreadedServer":
+    def __enter__(self) -> ThreadedServer:
         self.thread.start()
         wait_healthy(self.base_url, alive=self.thread.is_alive)
         return self
@@ -134,12 +134,12 @@ class ServeProcess:
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path else ""
 
-    def __enter__(self) -> "ServeProcess":
+    def __enter__(self) -> ServeProcess:
         try:
             wait_healthy(self.base_url, alive=lambda: self.proc.poll() is None)
-        except BaseException:
+        except BaseException as exc:
             self.stop()
-            raise RuntimeError(f"server did not start:\n{self.log()}")
+            raise RuntimeError(f"server did not start:\n{self.log()}") from exc
         return self
 
     def terminate(self) -> None:

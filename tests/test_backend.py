@@ -17,9 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli_env
 
 from nanogpt_mlx.model.cpu import blas, runtime
+
+from conftest import cli_env
 
 LINUX_X86 = sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
 # MKL is a dependency on Linux x86-64, so there its absence is a failure, not a reason to skip.

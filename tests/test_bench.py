@@ -13,9 +13,10 @@ import struct
 
 import numpy as np
 import pytest
-from conftest import cli_env
 
 from nanogpt_mlx.benchmarks.machine import machine_id
+
+from conftest import cli_env
 
 SECTIONS = ["card", "engine", "server", "peers", "limits"]
 

@@ -11,6 +11,7 @@ import httpx
 import mlx.core as mx
 import numpy as np
 import pytest
+from test_cli import library_text
 
 from nanogpt_mlx.model.checkpoint import load_model
 from nanogpt_mlx.model.cli import DEFAULT_CHECKPOINT
@@ -19,7 +20,6 @@ from nanogpt_mlx.model.tokenizer import get_tokenizer
 
 from conftest import cli_command, cli_env
 from server_support import ServeProcess
-from test_cli import library_text
 
 PROMPT = "In the beginning"
 
@@ -75,7 +75,11 @@ def test_generate_without_model_uses_it(run_cli):
 def test_serve_without_model_serves_it(tmp_path):
     expected = library_text(DEFAULT_CHECKPOINT, PROMPT, 8, SamplingParams(temperature=0.0))
     with ServeProcess(cli_command(), [], env=no_model_env(), log_path=tmp_path / "serve.log") as server:
-        r = httpx.post(server.base_url + "/v1/completions", json={"model": "nanogpt-mlx", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}, timeout=60)
+        r = httpx.post(
+            server.base_url + "/v1/completions",
+            json={"model": "nanogpt-mlx", "prompt": PROMPT, "max_tokens": 8, "temperature": 0},
+            timeout=60,
+        )
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == expected
 

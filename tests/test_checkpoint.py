@@ -57,7 +57,9 @@ def test_fp16_round_trip_loads_as_fp32(tmp_path, random_model, tiny_config):
     stored = mx.load(str(out / "model.safetensors"))
     assert {v.dtype for v in stored.values()} == {mx.float16}
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
-    assert (out / "model.safetensors").stat().st_size < 0.6 * (save_checkpoint(model, tmp_path / "ck32") / "model.safetensors").stat().st_size
+    assert (out / "model.safetensors").stat().st_size < 0.6 * (
+        save_checkpoint(model, tmp_path / "ck32") / "model.safetensors"
+    ).stat().st_size
     loaded = load_model(out)
     a, b = params(model), params(loaded)
     for k in a:
@@ -156,7 +158,14 @@ def original_layout(model: GPT) -> dict[str, np.ndarray]:
         "lm_head.weight": p["lm_head.weight"],
     }
     for i in range(model.config.n_layer):
-        ours = {"ln1": "ln_1", "ln2": "ln_2", "attn.qkv_proj": "attn.c_attn", "attn.out_proj": "attn.c_proj", "ff.fc1": "mlp.c_fc", "ff.fc2": "mlp.c_proj"}
+        ours = {
+            "ln1": "ln_1",
+            "ln2": "ln_2",
+            "attn.qkv_proj": "attn.c_attn",
+            "attn.out_proj": "attn.c_proj",
+            "ff.fc1": "mlp.c_fc",
+            "ff.fc2": "mlp.c_proj",
+        }
         for orig, mine in ours.items():
             for kind in ("weight", "bias"):
                 out[f"blocks.{i}.{orig}.{kind}"] = p[f"h.{i}.{mine}.{kind}"]
@@ -168,9 +177,16 @@ def write_original(folder: Path, model: GPT, iteration: int = 1200, meta_config:
     folder.mkdir(parents=True, exist_ok=True)
     c = model.config
     config = {
-        "n_layers": c.n_layer, "n_heads": c.n_head, "d_model": c.n_embd, "d_ff": c.n_inner,
-        "context_length": c.block_size, "vocab_size": c.vocab_size, "dropout": 0.1,
-        "batch_size": 12, "learning_rate": 3e-4, "max_iters": 5000,
+        "n_layers": c.n_layer,
+        "n_heads": c.n_head,
+        "d_model": c.n_embd,
+        "d_ff": c.n_inner,
+        "context_length": c.block_size,
+        "vocab_size": c.vocab_size,
+        "dropout": 0.1,
+        "batch_size": 12,
+        "learning_rate": 3e-4,
+        "max_iters": 5000,
     }
     config.update(meta_config or {})
     npz = folder / f"checkpoint_{iteration}.npz"
@@ -211,7 +227,14 @@ def _by_our_names(arrays: dict[str, np.ndarray], n_layer: int) -> dict[str, np.n
         "ln_f.bias": arrays["ln_f.bias"],
         "lm_head.weight": arrays["lm_head.weight"],
     }
-    names = {"ln_1": "ln1", "ln_2": "ln2", "attn.c_attn": "attn.qkv_proj", "attn.c_proj": "attn.out_proj", "mlp.c_fc": "ff.fc1", "mlp.c_proj": "ff.fc2"}
+    names = {
+        "ln_1": "ln1",
+        "ln_2": "ln2",
+        "attn.c_attn": "attn.qkv_proj",
+        "attn.c_proj": "attn.out_proj",
+        "mlp.c_fc": "ff.fc1",
+        "mlp.c_proj": "ff.fc2",
+    }
     for i in range(n_layer):
         for mine, orig in names.items():
             for kind in ("weight", "bias"):

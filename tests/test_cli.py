@@ -9,12 +9,13 @@ import time
 
 import pytest
 
-from conftest import cli_command, cli_env
 from nanogpt_mlx.cli import build_parser
 from nanogpt_mlx.model.checkpoint import load_model
 from nanogpt_mlx.model.generate import generate_tokens
 from nanogpt_mlx.model.sampling import SamplingParams
 from nanogpt_mlx.model.tokenizer import EOT_ID, get_tokenizer
+
+from conftest import cli_command, cli_env
 
 PROMPT = "Once upon a time"
 
@@ -90,7 +91,20 @@ def test_greedy_generate_full_size(run_cli, full_checkpoint):
 
 def test_seed_reproducibility_and_filters(run_cli, tiny_checkpoint):
     def gen(seed: int, *extra: str) -> str:
-        proc = run_cli("generate", "--model", tiny_checkpoint, "--prompt", PROMPT, "--max-tokens", "30", "--temperature", "1.0", "--seed", str(seed), *extra)
+        proc = run_cli(
+            "generate",
+            "--model",
+            tiny_checkpoint,
+            "--prompt",
+            PROMPT,
+            "--max-tokens",
+            "30",
+            "--temperature",
+            "1.0",
+            "--seed",
+            str(seed),
+            *extra,
+        )
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
@@ -154,8 +168,24 @@ def test_generate_on_cpu_device_flag(run_cli, tiny_checkpoint):
 def test_generate_streams_before_it_finishes(full_checkpoint):
     """Generated text reaches the pipe while the process is still generating (not block-buffered)."""
     proc = subprocess.Popen(
-        [*cli_command(), "generate", "--model", str(full_checkpoint), "--prompt", PROMPT, "--max-tokens", "400", "--temperature", "1", "--seed", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=cli_env(),
+        [
+            *cli_command(),
+            "generate",
+            "--model",
+            str(full_checkpoint),
+            "--prompt",
+            PROMPT,
+            "--max-tokens",
+            "400",
+            "--temperature",
+            "1",
+            "--seed",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=cli_env(),
     )
     try:
         received = b""

@@ -25,8 +25,9 @@ import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import REPO_ROOT, cli_command, cli_env
 from nanogpt_mlx.server.metrics import _FAMILIES, DISCARD, ServerMetrics
+
+from conftest import REPO_ROOT, cli_command, cli_env
 from server_support import HOST, RawRequest, ServeProcess, ThreadedServer, free_port, metric_value, sse_payloads
 
 pytestmark = pytest.mark.timeout(600)
@@ -237,7 +238,9 @@ def traffic(served, prometheus):
     wait_until(lambda: scraped_value(prometheus, f'up{{instance="{HOST}:{served.port}"}}') == 1, 30, "the first scrape")
     sdk = OpenAI(base_url=served.base_url + "/v1", api_key=KEY, max_retries=0, timeout=30)
     plain = sdk.completions.create(model=MODEL, prompt=SECRET_PROMPT, max_tokens=8, n=2, temperature=0.7, seed=1)
-    streamed = list(sdk.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, stream=True, stream_options={"include_usage": True}))
+    streamed = list(
+        sdk.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, stream=True, stream_options={"include_usage": True})
+    )
     with httpx.Client(base_url=served.base_url, timeout=30, headers={"Authorization": f"Bearer {KEY}"}) as client:
         with client.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 6, "stream": True}) as r:
             assert r.status_code == 200
@@ -370,7 +373,9 @@ def access_lines(served: ServeProcess) -> list[dict]:
 
 def test_request_ids_are_echoed_or_generated(served):
     with httpx.Client(base_url=served.base_url, timeout=30, headers={"Authorization": f"Bearer {KEY}"}) as client:
-        mine = client.post("/v1/completions", json={"model": MODEL, "prompt": "id", "max_tokens": 2}, headers={"X-Request-ID": "client-id-42"})
+        mine = client.post(
+            "/v1/completions", json={"model": MODEL, "prompt": "id", "max_tokens": 2}, headers={"X-Request-ID": "client-id-42"}
+        )
         assert mine.status_code == 200 and mine.headers["x-request-id"] == "client-id-42"
         insane = client.get("/health", headers={"X-Request-ID": "bad id\twith spaces"})
         generated = [insane.headers["x-request-id"], client.get("/health").headers["x-request-id"]]
@@ -380,7 +385,12 @@ def test_request_ids_are_echoed_or_generated(served):
         assert len({*generated, too_long}) == 3
         error = client.post("/v1/completions", json={"model": "nope", "prompt": "x"}, headers={"X-Request-ID": "err-1"})
         assert error.status_code == 404 and error.headers["x-request-id"] == "err-1"
-        with client.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": "s", "max_tokens": 2, "stream": True}, headers={"X-Request-ID": "stream-1"}) as r:
+        with client.stream(
+            "POST",
+            "/v1/completions",
+            json={"model": MODEL, "prompt": "s", "max_tokens": 2, "stream": True},
+            headers={"X-Request-ID": "stream-1"},
+        ) as r:
             assert r.headers["x-request-id"] == "stream-1"
             r.read()
 
@@ -402,7 +412,11 @@ def test_json_access_log_has_ids_status_tokens_latency_and_no_prompt(served):
 
     line = find(rid)
     assert (line["method"], line["path"], line["status"]) == ("POST", "/v1/completions", 200)
-    assert (line["prompt_tokens"], line["completion_tokens"]) == (usage["prompt_tokens"], usage["completion_tokens"]) == (usage["prompt_tokens"], 5)
+    assert (
+        (line["prompt_tokens"], line["completion_tokens"])
+        == (usage["prompt_tokens"], usage["completion_tokens"])
+        == (usage["prompt_tokens"], 5)
+    )
     assert 0 < line["latency_s"] <= elapsed and line["client"].startswith(HOST)
     assert "time" in line and "prompts" not in line
     streamed = find(rid + "-s")
@@ -416,9 +430,19 @@ def test_json_access_log_has_ids_status_tokens_latency_and_no_prompt(served):
 def test_text_access_log_and_prompts_only_when_asked(tiny_checkpoint, caplog):
     caplog.set_level(logging.INFO, logger="nanogpt_mlx.access")
     with ThreadedServer(tiny_checkpoint, access_log="text") as server:
-        httpx.post(server.base_url + "/v1/completions", json={"prompt": SECRET_PROMPT, "max_tokens": 3}, headers={"X-Request-ID": "text-1"}, timeout=30)
+        httpx.post(
+            server.base_url + "/v1/completions",
+            json={"prompt": SECRET_PROMPT, "max_tokens": 3},
+            headers={"X-Request-ID": "text-1"},
+            timeout=30,
+        )
     with ThreadedServer(tiny_checkpoint, access_log="text", log_prompts=True) as server:
-        httpx.post(server.base_url + "/v1/completions", json={"prompt": SECRET_PROMPT, "max_tokens": 3}, headers={"X-Request-ID": "text-2"}, timeout=30)
+        httpx.post(
+            server.base_url + "/v1/completions",
+            json={"prompt": SECRET_PROMPT, "max_tokens": 3},
+            headers={"X-Request-ID": "text-2"},
+            timeout=30,
+        )
     lines = {r.getMessage().split()[0]: r.getMessage() for r in caplog.records if r.name == "nanogpt_mlx.access"}
     plain, with_prompt = lines["request_id=text-1"], lines["request_id=text-2"]
     fields = dict(part.split("=", 1) for part in plain.split())

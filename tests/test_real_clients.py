@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from conftest import REPO_ROOT, cli_command, cli_env
 from server_support import ServeProcess
 

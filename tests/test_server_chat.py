@@ -11,10 +11,11 @@ import shutil
 import httpx
 import pytest
 from openai import BadRequestError
-from server_support import VLLM_CHAT_FIELDS, ThreadedServer, metric_value, sse_payloads
 
 from nanogpt_mlx.model.tokenizer import get_tokenizer
 from nanogpt_mlx.server.chat import DEFAULT_CHAT_STOP
+
+from server_support import VLLM_CHAT_FIELDS, ThreadedServer, metric_value, sse_payloads
 
 pytestmark = pytest.mark.timeout(600)
 

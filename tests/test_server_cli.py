@@ -10,11 +10,12 @@ import httpx
 import pytest
 from openai import AuthenticationError, OpenAI
 
-from conftest import cli_command, cli_env
 from nanogpt_mlx.model.checkpoint import load_model
 from nanogpt_mlx.model.generate import generate_tokens
 from nanogpt_mlx.model.sampling import SamplingParams
 from nanogpt_mlx.model.tokenizer import EOT_ID, get_tokenizer
+
+from conftest import cli_command, cli_env
 from server_support import RawRequest, ServeProcess, metric_value, wait_for
 
 KEY = "test-secret"
@@ -61,10 +62,16 @@ def test_api_key_from_the_environment_is_required(served):
 def test_full_size_greedy_stream_equals_the_reference_loop(served, full_checkpoint):
     tokenizer = get_tokenizer(full_checkpoint)
     prompt = "The history of the world"
-    expected = list(generate_tokens(load_model(full_checkpoint), tokenizer.encode(prompt), 24, SamplingParams(temperature=0.0), frozenset({EOT_ID})))
+    expected = list(
+        generate_tokens(load_model(full_checkpoint), tokenizer.encode(prompt), 24, SamplingParams(temperature=0.0), frozenset({EOT_ID}))
+    )
     expected_text = tokenizer.decode([t for t in expected if t != EOT_ID])
     client = OpenAI(base_url=served.base_url + "/v1", api_key=KEY, max_retries=0, timeout=60)
-    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expected_text
     assert chunks[-1].usage.completion_tokens == len(expected)
 
@@ -88,8 +95,12 @@ def test_a_disconnected_stream_frees_its_slot(http):
 @pytest.mark.timeout(600)
 def test_a_disconnected_non_streaming_request_frees_its_slot(http, served):
     before = aborted(http)
-    request = RawRequest(served.base_url, "/v1/completions", {"model": MODEL, "prompt": "Go on", "max_tokens": 450, "ignore_eos": True},
-                         headers={"Authorization": f"Bearer {KEY}"})
+    request = RawRequest(
+        served.base_url,
+        "/v1/completions",
+        {"model": MODEL, "prompt": "Go on", "max_tokens": 450, "ignore_eos": True},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
     wait_for(lambda: http.get("/health").json()["running"] == 1, "the request to be generating")
     request.hang_up()
     wait_for_free_slots(http, 2)
@@ -146,8 +157,12 @@ def _sigterm_while_streaming(full_checkpoint, tmp_path, shutdown_timeout: str, s
     """Start the streams (name -> max_tokens), send SIGTERM once each has sent a chunk and, with
     `probe`, wait until /health says the server is draining. Returns (payloads by stream, the
     answer to a request sent while draining, exit code, log)."""
-    with ServeProcess(cli_command(), ["--model", str(full_checkpoint), "--shutdown-timeout", shutdown_timeout],
-                      env=cli_env(), log_path=tmp_path / "serve.log") as proc:
+    with ServeProcess(
+        cli_command(),
+        ["--model", str(full_checkpoint), "--shutdown-timeout", shutdown_timeout],
+        env=cli_env(),
+        log_path=tmp_path / "serve.log",
+    ) as proc:
         results: dict[str, list[str]] = {}
         threads = []
         for name, max_tokens in streams.items():

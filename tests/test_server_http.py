@@ -16,6 +16,7 @@ import pytest
 from nanogpt_mlx.model.checkpoint import load_model
 from nanogpt_mlx.model.sampling import log_softmax
 from nanogpt_mlx.model.tokenizer import get_tokenizer
+
 from server_support import ThreadedServer, metric_value, sse_payloads, stream_chunks
 
 pytestmark = pytest.mark.timeout(600)
@@ -144,7 +145,7 @@ def test_logprobs_of_generated_tokens(http):
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == 5
     assert "".join(lp["tokens"]) == choice["text"] or any(t.startswith("bytes:") for t in lp["tokens"])
     assert lp["text_offset"][0] == 0
-    for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+    for logprob, top in zip(lp["token_logprobs"], lp["top_logprobs"]):
         assert len(top) == 3 and logprob <= 0
         assert max(top.values()) == pytest.approx(logprob)  # greedy: the chosen token is the most likely
 
@@ -162,9 +163,12 @@ def test_temperature_zero_and_seeds_are_deterministic(http):
 def test_logit_bias_and_penalties_are_applied(http, server):
     tokenizer = get_tokenizer(server.settings.model)
     forced = tokenizer.encode(" banana")[0]
-    choice = complete(http, prompt="Fruit:", max_tokens=4, temperature=0, logit_bias={str(forced): 100}, frequency_penalty=0.0)["choices"][0]
+    body = {"prompt": "Fruit:", "max_tokens": 4, "temperature": 0, "logit_bias": {str(forced): 100}, "frequency_penalty": 0.0}
+    choice = complete(http, **body)["choices"][0]
     assert choice["text"] == " banana" * 4
-    penalized = complete(http, prompt="Fruit:", max_tokens=4, temperature=0, logit_bias={str(forced): 5}, presence_penalty=2.0, frequency_penalty=2.0)
+    penalized = complete(
+        http, prompt="Fruit:", max_tokens=4, temperature=0, logit_bias={str(forced): 5}, presence_penalty=2.0, frequency_penalty=2.0
+    )
     assert penalized["choices"][0]["text"].count(" banana") < 4
 
 
@@ -199,7 +203,17 @@ def test_twenty_concurrent_streams_each_equal_their_result_alone(http, server):
 def test_curl_streams_server_sent_events(http, server):
     body = {"model": MODEL, "prompt": "Hello from curl", "max_tokens": 10, "temperature": 0, "stream": True}
     proc = subprocess.run(
-        ["curl", "-sN", "--max-time", "300", server.base_url + "/v1/completions", "-H", "Content-Type: application/json", "-d", json.dumps(body)],
+        [
+            "curl",
+            "-sN",
+            "--max-time",
+            "300",
+            server.base_url + "/v1/completions",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            json.dumps(body),
+        ],
         capture_output=True,
         text=True,
         timeout=330,  # bounds a hang only
@@ -249,7 +263,9 @@ def test_bad_parameters_are_400_naming_the_parameter(http, body, param, code):
 
 
 def test_context_length_message_gives_the_counts(http):
-    error = assert_openai_error(http.post("/v1/completions", json={"prompt": [1] * 100, "max_tokens": 50}), 400, code="context_length_exceeded")
+    error = assert_openai_error(
+        http.post("/v1/completions", json={"prompt": [1] * 100, "max_tokens": 50}), 400, code="context_length_exceeded"
+    )
     assert "128" in error["message"] and "150" in error["message"] and "100 in your prompt" in error["message"]
 
 
@@ -263,7 +279,7 @@ def test_unknown_model_is_404_model_not_found(http):
     [
         (b'{"prompt": "x",', {"Content-Type": "application/json"}, "invalid_json"),
         (b'{"prompt": "x", "temperature": NaN}', {"Content-Type": "application/json"}, "invalid_value"),
-        (b'[1, 2, 3]', {"Content-Type": "application/json"}, "invalid_request"),
+        (b"[1, 2, 3]", {"Content-Type": "application/json"}, "invalid_request"),
         (b'{"prompt": "\xff\xfe"}', {"Content-Type": "application/json"}, "invalid_encoding"),
         (b'{"prompt": "x"}', {"Content-Type": "text/plain"}, "invalid_content_type"),
         (b'{"prompt": "x"}', {}, "invalid_content_type"),
@@ -276,13 +292,17 @@ def test_malformed_bodies_are_400(http, content, headers, code):
 
 def test_oversized_bodies_are_413_with_or_without_content_length(http):
     big = json.dumps({"prompt": "x" * (BODY_LIMIT + 10)}).encode()
-    assert_openai_error(http.post("/v1/completions", content=big, headers={"Content-Type": "application/json"}), 413, code="request_too_large")
+    assert_openai_error(
+        http.post("/v1/completions", content=big, headers={"Content-Type": "application/json"}), 413, code="request_too_large"
+    )
 
     def chunked():
         for i in range(0, len(big), 8192):
             yield big[i : i + 8192]
 
-    assert_openai_error(http.post("/v1/completions", content=chunked(), headers={"Content-Type": "application/json"}), 413, code="request_too_large")
+    assert_openai_error(
+        http.post("/v1/completions", content=chunked(), headers={"Content-Type": "application/json"}), 413, code="request_too_large"
+    )
 
 
 def test_unknown_routes_and_methods_answer_in_openai_shape(http):

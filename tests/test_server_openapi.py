@@ -6,9 +6,10 @@ from __future__ import annotations
 import copy
 
 import pytest
-from server_support import VLLM_COMPLETION_FIELDS, ThreadedServer
 
 from nanogpt_mlx.server.protocol import ChatCompletionRequest, CompletionRequest
+
+from server_support import VLLM_COMPLETION_FIELDS, ThreadedServer
 
 pytestmark = pytest.mark.timeout(600)
 

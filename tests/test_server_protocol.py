@@ -120,7 +120,9 @@ def test_parameters_this_model_cannot_honour_are_refused(body, param):
 def test_harmless_values_of_unsupported_parameters_are_accepted():
     req = CompletionRequest.model_validate({"prompt": "x", "suffix": None, "best_of": 2, "n": 2, "user": "me"})
     req.check_supported()
-    CompletionRequest.model_validate({"prompt": "x", "best_of": 3, "use_beam_search": False, "response_format": {"type": "text"}}).check_supported()
+    CompletionRequest.model_validate(
+        {"prompt": "x", "best_of": 3, "use_beam_search": False, "response_format": {"type": "text"}}
+    ).check_supported()
 
 
 # --- settings --------------------------------------------------------------------------------------

@@ -5,9 +5,10 @@ harness's own remote tokenizer; /v1/models as vLLM answers it, with several serv
 from __future__ import annotations
 
 import pytest
-from server_support import ThreadedServer
 
 from nanogpt_mlx.model.tokenizer import EOT_ID
+
+from server_support import ThreadedServer
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -13,9 +13,10 @@ import threading
 
 import httpx
 import pytest
-from server_support import VLLM_COMPLETION_FIELDS, ThreadedServer, stream_chunks, wait_for
 
 from nanogpt_mlx.model.tokenizer import EOT_ID, get_tokenizer
+
+from server_support import VLLM_COMPLETION_FIELDS, ThreadedServer, stream_chunks, wait_for
 
 pytestmark = pytest.mark.timeout(600)
 

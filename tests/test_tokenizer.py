@@ -130,7 +130,7 @@ def test_stream_one_character_at_a_time(tok):
 def test_stream_of_byte_tokens(tok):
     """Feed the single-byte tokens of a 4-byte emoji: nothing until the last byte arrives."""
     byte_token = {tok.decode_single_token_bytes(i): i for i in range(256 + 50)}
-    ids = [byte_token[bytes([b])] for b in "😀".encode("utf-8")]
+    ids = [byte_token[bytes([b])] for b in "😀".encode()]
     detok = StreamingDetokenizer(tok)
     assert [detok.add(i) for i in ids] == ["", "", "", "😀"]
     assert detok.finalize() == ""
