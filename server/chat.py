@@ -29,7 +29,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from nanogpt_mlx.model.tokenizer import EOT_ID, EOT_TOKEN
-from nanogpt_mlx.server.completions import Plan, Planner, TokenTexts, best_choices
+from nanogpt_mlx.server.completions import Plan, Planner, TokenTexts, best_choices, generation_failed
 from nanogpt_mlx.server.engine import SequenceOutput, Submission
 from nanogpt_mlx.server.protocol import (
     APIError,
@@ -198,7 +198,7 @@ class ChatCompletions:
         async for index, output in submission:
             if output.finish_reason == "error":
                 submission.cancel()
-                raise APIError(500, f"generation failed: {output.error}", type="server_error", code="engine_error")
+                raise generation_failed(output)
             renders[index].add(output)
             completion_tokens += output.completion_tokens
         req = plan.request
@@ -240,8 +240,8 @@ class ChatCompletions:
                 yield chunk(first, render, **extra)
             async for index, output in submission:
                 if output.finish_reason == "error":
-                    error = APIError(500, f"generation failed: {output.error}", type="server_error", code="engine_error")
-                    yield error.body.model_dump_json()
+                    yield generation_failed(output).body.model_dump_json()
+                    yield "[DONE]"
                     return
                 completion_tokens += output.completion_tokens
                 render = renders[index]

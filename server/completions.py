@@ -293,7 +293,7 @@ class Completions:
         async for index, output in submission:
             if output.finish_reason == "error":
                 submission.cancel()
-                raise APIError(500, f"generation failed: {output.error}", type="server_error", code="engine_error")
+                raise generation_failed(output)
             renders[index].add(output)
             completion_tokens += output.completion_tokens
         return CompletionResponse(
@@ -315,8 +315,8 @@ class Completions:
         try:
             async for index, output in submission:
                 if output.finish_reason == "error":
-                    error = APIError(500, f"generation failed: {output.error}", type="server_error", code="engine_error")
-                    yield error.body.model_dump_json()
+                    yield generation_failed(output).body.model_dump_json()
+                    yield "[DONE]"
                     return
                 completion_tokens += output.completion_tokens
                 render = renders[index]
@@ -333,6 +333,13 @@ class Completions:
             yield "[DONE]"
         finally:
             submission.cancel()  # no-op once finished; frees the slots when the client went away
+
+
+def generation_failed(output: SequenceOutput) -> APIError:
+    """The error a request gets when the engine ended one of its sequences with an error: the
+    body of a 500, or, in a stream, an event followed by `[DONE]` (as vLLM does) so clients that
+    read to the end of the stream stop cleanly."""
+    return APIError(500, f"generation failed: {output.error}", type="server_error", code="engine_error")
 
 
 def best_choices(plan: Plan, renders: list):

@@ -2,7 +2,8 @@
 with the test-only fault injection of server/engine/faults.py (NANOGPT_MLX_FAULT_INJECTION).
 
 - An exception in one sequence's output step (where its logits become a token) ends that request
-  alone, with a 500 in OpenAI's shape or an error event in its stream; every other request of
+  alone, with a 500 in OpenAI's shape or an error event in its stream (then `[DONE]`; completions
+  and chat alike); every other request of
   the same batch (the hook's `together=N` admits them in one step) gets exactly the output it
   gets without the fault.
 - When the engine loop itself dies, /health answers 503 at once, new requests get 503, the
@@ -34,11 +35,13 @@ def serve(checkpoint, log_path, injection: str, *args: str) -> ServeProcess:
 
 
 def call(base_url: str, body: dict) -> dict:
-    """POST a completion; the answer as {status, json} or, streamed, {status, chunks, error, done}."""
+    """POST a completion (a chat completion when the body has messages); the answer as {status, json}
+    or, streamed, {status, chunks, error, done}."""
+    url = base_url + ("/v1/chat/completions" if "messages" in body else "/v1/completions")
     if not body.get("stream"):
-        r = httpx.post(base_url + "/v1/completions", json=body, timeout=300)
+        r = httpx.post(url, json=body, timeout=300)
         return {"status": r.status_code, "json": r.json()}
-    with httpx.stream("POST", base_url + "/v1/completions", json=body, timeout=300) as r:
+    with httpx.stream("POST", url, json=body, timeout=300) as r:
         payloads = sse_payloads(r.iter_lines())
     events = [json.loads(p) for p in payloads if p != "[DONE]"]
     return {"status": r.status_code, "chunks": [e for e in events if "error" not in e],
@@ -91,8 +94,10 @@ NORMAL = {
 FAULTY = {
     "faulty": {"prompt": f"Tell me {OUTPUT_FAULT} a story", "max_tokens": 30, "temperature": 0, "ignore_eos": True},
     "faulty stream": {"prompt": f"{OUTPUT_FAULT} and then", "max_tokens": 30, "temperature": 0, "ignore_eos": True, "stream": True},
+    "faulty chat stream": {"messages": [{"role": "user", "content": f"Say {OUTPUT_FAULT}"}], "max_tokens": 30, "temperature": 0,
+                           "ignore_eos": True, "stream": True},
 }
-SEQUENCES = 1 + 1 + 2 + 1 + 1 + 1  # NORMAL and FAULTY together, choices counted
+SEQUENCES = 1 + 1 + 2 + 1 + 1 + 1 + 1  # NORMAL and FAULTY together, choices counted
 
 
 def test_a_fault_in_one_sequences_output_step_ends_that_request_alone(tiny_checkpoint, tmp_path):
@@ -100,14 +105,16 @@ def test_a_fault_in_one_sequences_output_step_ends_that_request_alone(tiny_check
     with serve(tiny_checkpoint, tmp_path / "serve.log", injection) as server:
         batch = concurrently(server.base_url, {**NORMAL, **FAULTY})  # admitted together: one batch
 
-        # The faulty requests end with an error, after their first tokens for the stream.
+        # The faulty requests end with an error, after their first tokens for the streams; a stream's
+        # error event is followed by [DONE], as vLLM's is.
         assert batch["faulty"]["status"] == 500
         assert_engine_error(batch["faulty"]["json"])
-        streamed = batch["faulty stream"]
-        assert streamed["status"] == 200 and streamed["error"] is not None and not streamed["done"]
-        assert_engine_error(streamed["error"])
-        assert 1 <= len(streamed["chunks"]) <= FAULT_AFTER
-        assert all(c["choices"][0]["finish_reason"] is None for c in streamed["chunks"])
+        for name, first_chunks in (("faulty stream", 0), ("faulty chat stream", 1)):  # chat: the role chunk first
+            streamed = batch[name]
+            assert streamed["status"] == 200 and streamed["error"] is not None and streamed["done"], name
+            assert_engine_error(streamed["error"])
+            assert 1 <= len(streamed["chunks"]) - first_chunks <= FAULT_AFTER, name
+            assert all(c["choices"][0]["finish_reason"] is None for c in streamed["chunks"]), name
 
         # Every other request of the batch: exactly what it gets without the fault (alone, afterwards).
         for name, body in NORMAL.items():
@@ -118,10 +125,10 @@ def test_a_fault_in_one_sequences_output_step_ends_that_request_alone(tiny_check
         health = httpx.get(server.base_url + "/health", timeout=30).json()
         assert (health["status"], health["running"], health["slots_free"]) == ("ok", 0, 8)
         metrics = httpx.get(server.base_url + "/metrics", timeout=30).text
-        assert metric_value(metrics, "nanogpt_mlx_requests_finished_total", 'finish_reason="error"') == 2
+        assert metric_value(metrics, "nanogpt_mlx_requests_finished_total", 'finish_reason="error"') == 3
         assert metric_value(metrics, "nanogpt_mlx_requests_finished_total", 'finish_reason="length"') == 2 * 5
     log = server.log()
-    assert log.count("failed; ending it alone") == 2 and "InjectedFault" in log
+    assert log.count("failed; ending it alone") == 3 and "InjectedFault" in log
 
 
 def test_when_the_engine_loop_dies_health_and_new_requests_are_503_and_serve_exits_1(tiny_checkpoint, tmp_path):
@@ -138,7 +145,7 @@ def test_when_the_engine_loop_dies_health_and_new_requests_are_503_and_serve_exi
         assert answers["killer"]["status"] == 500
         assert_engine_error(answers["killer"]["json"])
         stream = answers["victim"]
-        assert stream["status"] == 200 and len(stream["chunks"]) >= 1 and not stream["done"]
+        assert stream["status"] == 200 and len(stream["chunks"]) >= 1 and stream["done"]
         assert_engine_error(stream["error"])
 
         health = httpx.get(base + "/health", timeout=30)
