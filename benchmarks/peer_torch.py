@@ -14,18 +14,8 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
-
-def _timed(fn, runs: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+from timing import timed  # this file runs as a script, so its folder is on sys.path
 
 
 def _device(name: str):
@@ -75,7 +65,7 @@ def inference(p: dict) -> dict:
             _sync(device)
             del logits
 
-        out["forward_s"] = _timed(forward, p["runs"], p["warmup"])
+        out["forward_s"] = timed(forward, p["runs"], p["warmup"])
 
         prompt_ids = np.random.default_rng(1234).integers(0, min(vocab, 50257), p["prompt_tokens"])  # the same prompt as ours
         prompt = torch.from_numpy(prompt_ids).to(device)[None, :]
@@ -94,7 +84,7 @@ def inference(p: dict) -> dict:
             if ids.shape[1] - prompt.shape[1] != n:
                 raise RuntimeError(f"transformers generated {ids.shape[1] - prompt.shape[1]} of {n} tokens")
 
-        out["generation_s"] = _timed(generate, p["runs"], p["warmup"])
+        out["generation_s"] = timed(generate, p["runs"], p["warmup"])
 
         prefill_ids = torch.from_numpy(rng.integers(0, min(vocab, 50257), (1, p["prefill_tokens"]))).to(device)
 
@@ -102,7 +92,7 @@ def inference(p: dict) -> dict:
             model(prefill_ids, use_cache=True).logits[:, -1]
             _sync(device)
 
-        out["prefill_s"] = _timed(prefill, p["runs"], p["warmup"])
+        out["prefill_s"] = timed(prefill, p["runs"], p["warmup"])
     return out
 
 

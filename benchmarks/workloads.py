@@ -15,26 +15,15 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import mlx.core as mx  # the package nanogpt_mlx (this module's parent) has prepared the runtime already
 import numpy as np
 
 from nanogpt_mlx.benchmarks.internals import select_device
+from nanogpt_mlx.benchmarks.timing import timed
 
 VOCAB_DRAW = 50257  # random token ids are drawn below the GPT-2 vocabulary
-
-
-def _timed(fn, runs: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def _tokens(rng: np.random.Generator, shape, vocab: int) -> np.ndarray:
@@ -61,7 +50,7 @@ def ours_inference(p: dict) -> dict:
     out = {"device": device, "params": model.num_params()}
 
     batch = mx.array(_tokens(rng, (p["forward_batch"], p["forward_seq"]), vocab))
-    out["forward_s"] = _timed(lambda: mx.eval(model(batch)), p["runs"], p["warmup"])
+    out["forward_s"] = timed(lambda: mx.eval(model(batch)), p["runs"], p["warmup"])
 
     prompt = _prompt(p, vocab)
     greedy = SamplingParams(temperature=0.0)
@@ -71,11 +60,11 @@ def ours_inference(p: dict) -> dict:
         if produced != p["gen_tokens"]:
             raise RuntimeError(f"generation stopped after {produced} of {p['gen_tokens']} tokens")
 
-    out["generation_s"] = _timed(generate, p["runs"], p["warmup"])
+    out["generation_s"] = timed(generate, p["runs"], p["warmup"])
 
     runner = ModelRunner(model, max_rows=1)  # what the server's engine prefills a prompt with
     prefill_tokens = _tokens(rng, p["prefill_tokens"], vocab)
-    out["prefill_s"] = _timed(lambda: runner.prefill(0, prefill_tokens, 0), p["runs"], p["warmup"])
+    out["prefill_s"] = timed(lambda: runner.prefill(0, prefill_tokens, 0), p["runs"], p["warmup"])
     runner.close()
     return out
 
@@ -100,7 +89,7 @@ def ours_training(p: dict) -> dict:
         rng = np.random.default_rng(2)
         x = _tokens(rng, (p["eval_batch"], p["eval_seq"]), config.vocab_size)
         y = _tokens(rng, (p["eval_batch"], p["eval_seq"]), config.vocab_size)
-        out["eval_s"] = _timed(lambda: evaluator([(x, y)]), p["eval_runs"], p["warmup"])
+        out["eval_s"] = timed(lambda: evaluator([(x, y)]), p["eval_runs"], p["warmup"])
     with tempfile.TemporaryDirectory(prefix="bench-size-") as tmp:
         for dtype in ("float32", "float16"):
             path = save_checkpoint(model, Path(tmp) / dtype, dtype=dtype)
@@ -124,11 +113,11 @@ def ours_engine(p: dict) -> dict:
     for rows in p["decode_rows"]:
         tokens = _tokens(rng, rows, vocab)
         positions = np.full(rows, p["decode_position"], dtype=np.int32)
-        out["decode_s"][str(rows)] = _timed(lambda: runner.decode(tokens, positions), p["decode_steps"], p["warmup"])  # noqa: B023
+        out["decode_s"][str(rows)] = timed(lambda: runner.decode(tokens, positions), p["decode_steps"], p["warmup"])  # noqa: B023
     prompt = _tokens(rng, p["prefill_tokens"], vocab)
-    out["prefill_s"] = _timed(lambda: runner.prefill(0, prompt, 0), p["runs"], p["warmup"])
+    out["prefill_s"] = timed(lambda: runner.prefill(0, prompt, 0), p["runs"], p["warmup"])
     chunks = [PrefillChunk(row=r, tokens=_tokens(rng, p["batched_prefill_tokens"], vocab)) for r in range(p["batched_prefill_rows"])]
-    out["batched_prefill_s"] = _timed(lambda: runner.prefill_many(chunks), p["runs"], p["warmup"])
+    out["batched_prefill_s"] = timed(lambda: runner.prefill_many(chunks), p["runs"], p["warmup"])
     runner.close()
     return out
 
@@ -164,7 +153,7 @@ def mlx_lm_inference(p: dict) -> dict:
     out = {"device": device}
 
     batch = mx.array(_tokens(rng, (p["forward_batch"], p["forward_seq"]), vocab))
-    out["forward_s"] = _timed(lambda: mx.eval(model(batch)), p["runs"], p["warmup"])
+    out["forward_s"] = timed(lambda: mx.eval(model(batch)), p["runs"], p["warmup"])
 
     prompt = mx.array(_prompt(p, vocab))
 
@@ -174,7 +163,7 @@ def mlx_lm_inference(p: dict) -> dict:
         if produced != p["gen_tokens"]:
             raise RuntimeError(f"mlx-lm generated {produced} of {p['gen_tokens']} tokens")
 
-    out["generation_s"] = _timed(generate, p["runs"], p["warmup"])
+    out["generation_s"] = timed(generate, p["runs"], p["warmup"])
 
     prefill_tokens = mx.array(_tokens(rng, (1, p["prefill_tokens"]), vocab))
 
@@ -182,7 +171,7 @@ def mlx_lm_inference(p: dict) -> dict:
         cache = make_prompt_cache(model)
         mx.eval(model(prefill_tokens, cache=cache)[:, -1, :])
 
-    out["prefill_s"] = _timed(prefill, p["runs"], p["warmup"])
+    out["prefill_s"] = timed(prefill, p["runs"], p["warmup"])
     return out
 
 
@@ -240,10 +229,10 @@ def _product_times(m: int, k: int, n: int, runs: int, host: bool) -> dict[str, l
     a = mx.random.normal((m, k))
     b = mx.random.normal((k, n))
     mx.eval(a, b)
-    times = {"mlx": _timed(lambda: mx.eval(a @ b), runs, 2)}
+    times = {"mlx": timed(lambda: mx.eval(a @ b), runs, 2)}
     if host:
         a_host, b_host = np.asarray(a), np.asarray(b)
-        times["numpy"] = _timed(lambda: a_host @ b_host, runs, 2)
+        times["numpy"] = timed(lambda: a_host @ b_host, runs, 2)
     return times
 
 
