@@ -1,7 +1,7 @@
 """Constrained decoding side by side: the per-step cost of token masks for GPT-2's 50,257-token
 vocabulary with llguidance, xgrammar and outlines-core, at 1 and 32 rows.
 
-    python -m nanogpt_mlx.benchmarks.structured_mask                 # 3 rounds, ~1 minute
+    python -m nanogpt_mlx.benchmarks.structured_mask                 # 3 rounds, a minute or two
     python -m nanogpt_mlx.benchmarks.structured_mask --rows 1 8 32 --steps 200 --rounds 5
     python -m nanogpt_mlx.benchmarks.structured_mask --libraries llguidance xgrammar
 
@@ -24,6 +24,9 @@ on a shared machine CPU time is what other processes do not inflate), the whole 
 the step's wall time; plus the one-off costs: the tokenizer description and the schemas' compile
 times.
 The libraries alternate within each round, so a noisy machine hits them alike.
+
+Writes `structured_mask.json` (every figure, the machine, the load average before and after) and
+`structured_mask.md` (the table) into `benchmarks/results/<machine-id>/` (or `--out`).
 """
 
 from __future__ import annotations
@@ -32,11 +35,14 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from nanogpt_mlx.atomic import write_json
+from nanogpt_mlx.atomic import write_json, write_text
+from nanogpt_mlx.benchmarks.machine import describe_machine, machine_id
 from nanogpt_mlx.model.tokenizer import EOT_ID, get_tokenizer
 from nanogpt_mlx.server.structured import JSON_WHITESPACE, apply_token_bitmask
 
@@ -325,8 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", nargs="+", type=int, default=[1, 32])
     p.add_argument("--steps", type=int, default=100, help="timed steps per measurement")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results/<machine-id>/)")
     args = p.parse_args(argv)
+    out_dir = args.out or Path(__file__).resolve().parent / "results" / machine_id()
+    load_before = os.getloadavg()
 
     encoding = get_tokenizer()
     vocab_size = encoding.n_vocab
@@ -375,9 +383,47 @@ def main(argv: list[str] | None = None) -> int:
         table.append({"library": name, "rows": rows, "mode": mode, **figures, "step_cpu": step, "per_row_cpu": step / rows})
         cells = " ".join(f"{v:9.1f}" for v in (figures["mask"], figures["apply"], figures["advance"], step, step / rows, figures["wall"]))
         print(f"{name:14s} {rows:4d} {mode:>8s} {cells}")
-    if args.json:
-        write_json(args.json, {"one_off": one_off, "per_step_us": table, "rounds": args.rounds, "steps": args.steps})
+    machine = describe_machine()
+    results = {"command": "python -m nanogpt_mlx.benchmarks.structured_mask " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "machine": machine, "load_before": load_before, "load_after": os.getloadavg(),
+               "rounds": args.rounds, "steps": args.steps, "one_off": one_off, "per_step_us": table}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "structured_mask.json", results)
+    write_text(out_dir / "structured_mask.md", markdown(results))
+    print(f"\nwrote {out_dir / 'structured_mask.json'} and structured_mask.md")
     return 0
+
+
+def markdown(results: dict) -> str:
+    """The report: one row per library, the per-row mask at 1 and at the widest row count, the
+    whole step, and the cost per token of a 50-token output with the schema compile spread over it."""
+    machine, table = results["machine"], results["per_step_us"]
+    widest = max(r["rows"] for r in table)
+    load = " / ".join(f"{x:.1f}" for x in results["load_before"]), " / ".join(f"{x:.1f}" for x in results["load_after"])
+    lines = [
+        "# Structured output: token-mask cost per step",
+        "",
+        f"`{results['command'].strip()}` on {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores; "
+        f"load average {load[0]} before, {load[1]} after. {results['rounds']} rounds of {results['steps']} steps; "
+        "CPU time in µs, means of the steps, medians of the rounds (the step's wall time in the JSON).",
+        "",
+        f"| library | token trie (s) | schema compile, median / max (ms) | mask, 1 row | mask, {widest} rows | "
+        f"step (mask + apply + advance), 1 / {widest} rows | per token of a 50-token output, compile included |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, once in results["one_off"].items():
+        one, wide = (
+            next((r for r in table if (r["library"], r["rows"], r["mode"]) == (name, rows, "per-row")), None) for rows in (1, widest)
+        )
+        if one is None or wide is None:
+            continue
+        per_token = one["step_cpu"] + 1e3 * once["compile_ms_median"] / 50
+        lines.append(
+            f"| {name} | {once['tokenizer_s']:.1f} | {once['compile_ms_median']:.1f} / {once['compile_ms_max']:.1f} | "
+            f"{one['mask']:.0f} | {wide['mask']:.0f} ({wide['mask'] / widest:.0f} a row) | "
+            f"{one['step_cpu']:.0f} / {wide['step_cpu']:.0f} | {per_token:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
