@@ -92,6 +92,12 @@ class Runner(Protocol):
         """Copy row `src`'s cache into row `dst` (the caller then treats `src` as free)."""
         ...
 
+    def warm_up(self, rows: int, prefill_tokens: int) -> None:
+        """Before serving: run the largest steps a caller with `rows` rows and prefill forwards of
+        `prefill_tokens` tokens will ask for, and a small one. Leaves no row holding anything a
+        caller relies on (every row is prefilled before it is decoded)."""
+        ...
+
     def close(self) -> None:
         """Release per-thread resources; call from the thread that ran the runner, before it ends."""
         ...
@@ -261,6 +267,27 @@ class ModelRunner:
             self.cache.values,
         )
         return self.logits_head(hidden)
+
+    def warm_up(self, rows: int, prefill_tokens: int) -> None:
+        """The largest prefill forward (`prefill_tokens` tokens in rows of whole contexts), a decode
+        of `rows` rows attending over the whole context, then a short prefill and a 1-row decode.
+
+        The first request then pays no first-call (compile) costs, and the process takes the
+        memory of its busiest steps now instead of in steps while it serves: freed memory stays in
+        the process on the CPU (cpu/runtime.py's malloc settings), so resident memory is a
+        high-water mark (tests/soak.py watches it). What these steps write into the cache is
+        never read: rows are prefilled before they are decoded, and stale columns are masked.
+        """
+        rows = min(rows, self.max_rows)
+        chunks, left = [], min(prefill_tokens, self.max_rows * self.max_len)
+        while left > 0:
+            length = min(left, self.max_len)
+            chunks.append(PrefillChunk(len(chunks), np.zeros(length, dtype=np.int32), 0))
+            left -= length
+        self.prefill_many(chunks)
+        self.decode(np.zeros(rows, dtype=np.int32), np.full(rows, self.max_len - 1, dtype=np.int32))
+        self.prefill(0, np.zeros(8, dtype=np.int32), 0)
+        self.decode(np.zeros(1, dtype=np.int32), np.array([8], dtype=np.int32))
 
     def move_row(self, src: int, dst: int) -> None:
         """Copy row `src`'s cache into row `dst` (the caller then treats `src` as free)."""

@@ -34,7 +34,6 @@ from collections.abc import AsyncIterator, Callable
 import numpy as np
 
 from nanogpt_mlx.model.runner import PrefillChunk, Runner
-from nanogpt_mlx.model.tokenizer import EOT_ID
 from nanogpt_mlx.server.engine import faults
 from nanogpt_mlx.server.engine.output import OutputProcessor
 from nanogpt_mlx.server.engine.slots import SlotTable
@@ -326,9 +325,8 @@ class Engine:
                 self._runner.close()
 
     def _warm_up(self) -> None:
-        """One prefill and one decode, so the first request does not pay MLX's first-call costs."""
-        self._runner.prefill(0, [EOT_ID] * 8, 0)
-        self._runner.decode(np.array([EOT_ID], dtype=np.int32), np.array([8], dtype=np.int32))
+        """The runner's warm-up with this engine's largest steps (`Runner.warm_up`)."""
+        self._runner.warm_up(rows=self.max_batch, prefill_tokens=self.prefill_forward)
 
     def step(self) -> None:
         """One step, its outputs handed over and its stats reported, whatever the model does.
