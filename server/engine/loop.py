@@ -17,6 +17,15 @@ engine step together with every other running sequence:
 Which sequence holds which cache row, and which rows move so that the running sequences are
 rows 0..B-1 at every decode, is the `SlotTable`'s business (slots.py).
 
+Prefix caching (`prefix_cache_rows` > 0): the runner gets that many rows more, after the slots'
+rows, to keep finished sequences' keys and values in (prefix_cache.py says which tokens each
+holds). A prompt starting its prefill copies the longest prefix it shares with a cached row or
+with an active sequence's row into its own row and prefills only the rest (always at least its
+last token, whose logits give the first token); a prompt that shares more with a prompt being
+prefilled right now (the choices of an `n` > 1 request, a burst of requests on one context) waits
+for that prefill and then copies it. Prompts that want prompt logprobs need every position's
+logits, so they prefill in full (their keys and values are still kept for others).
+
 Every sequence gets exactly one final output (finish_reason stop, length, abort or error),
 whatever happens: cancelled, aborted at shutdown, its own output failed (that sequence alone
 ends with "error"), or the model raised (every sequence of the batch ends with "error").
@@ -37,6 +46,7 @@ from nanogpt_mlx.model.runner import PrefillChunk, Runner
 from nanogpt_mlx.model.tokenizer import EOT_ID
 from nanogpt_mlx.server.engine import faults
 from nanogpt_mlx.server.engine.output import OutputProcessor
+from nanogpt_mlx.server.engine.prefix_cache import PrefixCache, common_prefix
 from nanogpt_mlx.server.engine.slots import SlotTable
 from nanogpt_mlx.server.engine.types import (
     RATE_WINDOW,
@@ -51,6 +61,11 @@ from nanogpt_mlx.server.engine.types import (
 )
 
 log = logging.getLogger("nanogpt_mlx.engine")
+
+# A prefix shorter than this is not worth reusing, nor waiting for, unless it is the whole prompt
+# but its last token: a copied prefix makes the prompt's forward attend over the cache (and with
+# it the batched forward of every prompt it is prefilled with), which costs more than a few tokens.
+MIN_PREFIX = 16
 
 
 # --- the asyncio side of a request --------------------------------------------------------------
@@ -134,6 +149,13 @@ class Sequence:
     def generated(self) -> int:
         return self.output.generated
 
+    def tokens_in_row(self) -> list[int]:
+        """The tokens whose keys and values its cache row holds (positions 0..len-1)."""
+        prompt = self.request.prompt
+        if self.state == PREFILLING:
+            return prompt[: self.prefilled]
+        return prompt + self.output.tokens[: self.cached - len(prompt)]  # the last sampled token is not fed back yet
+
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
@@ -158,6 +180,7 @@ class Engine:
         prefill_chunk: int = 1024,
         prefill_forward: int = 1024,
         stats_callback: StatsCallback | None = None,
+        prefix_cache_rows: int = 0,
     ):
         self._runner_factory = runner_factory
         self._tokenizer = tokenizer
@@ -166,6 +189,7 @@ class Engine:
         self.max_len = max_len
         self.prefill_chunk = prefill_chunk
         self.prefill_forward = min(prefill_forward, prefill_chunk)
+        self.prefix_cache_rows = prefix_cache_rows  # 0: no prefix caching
         self._stats_callback = stats_callback
         self._faults = faults.from_environment(tokenizer)  # None unless a test asks (faults.py)
 
@@ -183,6 +207,8 @@ class Engine:
         # Owned by the engine thread only. One row more than max_batch: see slots.py.
         self._runner: Runner | None = None
         self._slots: SlotTable[Sequence] = SlotTable(max_batch + 1)
+        first_spare = max_batch + 1  # the prefix cache's rows follow the slots' rows
+        self._prefix = PrefixCache(range(first_spare, first_spare + prefix_cache_rows)) if prefix_cache_rows > 0 else None
         self._prefilling: list[Sequence] = []  # admitted, prompt not complete (FIFO)
         self._outputs: list[Sequence] = []  # sequences with output pending this step
         self._stats = StepStats()  # this step's, until reported
@@ -200,7 +226,7 @@ class Engine:
         """Build the runner and warm it up on the calling thread. `start()` does this on the engine
         thread; call it yourself only to drive the engine by hand with `step()` (tests), and then
         make every later call on this thread."""
-        self._runner = self._runner_factory(self.max_batch + 1)
+        self._runner = self._runner_factory(self.max_batch + 1 + self.prefix_cache_rows)
         self._warm_up()
         self._ready_at = time.monotonic()
         self.state = "ready"
@@ -380,6 +406,8 @@ class Engine:
         """Give the sequence a slot; its row is chosen when its prefill starts."""
         seq.state = PREFILLING
         seq.admitted_at = now
+        if self._prefix is not None:
+            seq.output.cached_tokens = 0  # until its prefill finds a prefix
         self._prefilling.append(seq)
         self._active += 1
         self._stats.queue_times.append(now - seq.arrival)
@@ -391,13 +419,59 @@ class Engine:
         self._slots.start_running(seq)
 
     def _release(self, seq: Sequence, finish_reason: str | None = None, error: str | None = None) -> None:
-        """Free the sequence's slot and row (the next compaction closes the hole)."""
+        """Free the sequence's slot and row (the next compaction closes the hole), keeping its
+        keys and values in the prefix cache first, unless it ended in an error."""
+        if self._prefix is not None and finish_reason in ("stop", "length", "abort"):
+            self._keep_prefix(seq)
         if seq.state == PREFILLING:
             self._prefilling.remove(seq)
         self._slots.release(seq)
         self._active -= 1
         if finish_reason is not None:
             self._finish(seq, finish_reason, error)
+
+    def _keep_prefix(self, seq: Sequence) -> None:
+        """Copy the sequence's tokens' keys and values into a prefix-cache row (LRU)."""
+        row = self._slots.row(seq)
+        tokens = seq.tokens_in_row()
+        if row < 0 or len(tokens) < 2:  # a lone token leaves nothing to reuse (one is always prefilled)
+            return
+        target = self._prefix.store(tokens)
+        if target is None:  # already cached
+            return
+        try:
+            self._runner.copy_prefix(row, target, len(tokens))
+        except Exception:
+            log.exception("copying a finished sequence into the prefix cache failed")
+            self._prefix.discard(target)
+
+    def _find_prefix(self, seq: Sequence) -> tuple[int, int]:
+        """The row holding the longest prefix of the sequence's prompt (a cached row, or an active
+        sequence's), and its length up to all but the last prompt token: (row, length), (-1, 0) if
+        none is worth copying."""
+        prompt = seq.request.prompt
+        limit = len(prompt) - 1
+        if limit <= 0:
+            return -1, 0
+        tokens = np.asarray(prompt, dtype=np.int64)
+        row, best = self._prefix.match(tokens)
+        for other in self._slots.items():
+            if other is not seq:
+                n = common_prefix(tokens, np.asarray(other.tokens_in_row(), dtype=np.int64))
+                if n > best:
+                    row, best = self._slots.row(other), n
+        best = min(best, limit)
+        return (row, best) if best >= min(MIN_PREFIX, limit) else (-1, 0)
+
+    def _worth_waiting(self, seq: Sequence, available: int, prefilling: list[Sequence]) -> bool:
+        """Would the sequence gain a longer prefix by waiting for one of these prompts' prefills?"""
+        prompt = seq.request.prompt
+        limit = len(prompt) - 1
+        if limit <= 0 or not prefilling:
+            return False
+        tokens = np.asarray(prompt, dtype=np.int64)
+        shared = max(common_prefix(tokens, np.asarray(other.request.prompt, dtype=np.int64)) for other in prefilling)
+        return min(shared, limit) - available >= min(MIN_PREFIX, limit)
 
     def _compact(self) -> None:
         """Make rows 0..B-1 exactly the running sequences, copying the cache rows that move."""
@@ -425,16 +499,31 @@ class Engine:
     def _prefill_forward(self, budget: int) -> int:
         """One batched prefill call over up to `budget` prompt tokens; returns the tokens it took."""
         planned: list[tuple[Sequence, int, list[int], int]] = []  # (sequence, start, tokens, row)
-        for seq in list(self._prefilling):
+        # An unfinished prefill (holding a row) goes first: were a prompt that waits for another's
+        # prefill (below) to let a later one past it, two unfinished prefills could hold rows (slots.py).
+        for seq in sorted(self._prefilling, key=lambda s: self._slots.row(s) < 0):
             if budget <= 0:
                 break
             prompt = seq.request.prompt
+            row = self._slots.row(seq)
+            source, reused = -1, 0
+            looks_up = row < 0 and self._prefix is not None and not seq.output.wants_prompt_logprobs
+            if looks_up:
+                source, reused = self._find_prefix(seq)
+                if self._worth_waiting(seq, reused, [s for s, _, _, _ in planned]):
+                    continue  # prefilled by a later forward, copying the prefix this one writes
+                seq.prefilled = reused
             begin = seq.prefilled
             chunk = prompt[begin : begin + budget]
             budget -= len(chunk)
-            row = self._slots.row(seq)
             if row < 0:
                 row = self._slots.assign(seq, completes_now=begin + len(chunk) == len(prompt))
+            if looks_up:
+                self._stats.prefix_cache_queries += len(prompt)
+                self._stats.prefix_cache_hits += reused
+                seq.output.cached_tokens = reused
+                if reused:
+                    self._runner.copy_prefix(source, row, reused)
             planned.append((seq, begin, chunk, row))
         if not planned:
             return budget
@@ -591,6 +680,8 @@ class Engine:
     def _fail_active(self, message: str) -> None:
         for seq in self._active_sequences():
             self._release(seq, "error", message)
+        if self._prefix is not None:  # the model failed mid-way: trust no row it may have written
+            self._prefix.clear()
         self._slots.clear()
         self._prefilling = []
         self._active = 0

@@ -36,6 +36,8 @@ class OutputProcessor:
         self.request = request
         self.generated = 0  # tokens sampled so far, EOT included
         self.last_token = -1  # the latest sampled token (the next decode's input)
+        self.tokens: list[int] = []  # every sampled token (what the prefix cache keeps with the prompt)
+        self.cached_tokens: int | None = None  # prompt tokens whose keys and values came from the prefix cache (the engine sets it)
         self._counts: Counter[int] = Counter()  # generated tokens, for the penalties
         self._rng = rng_for(request)
         self._detokenizer = StreamingDetokenizer(tokenizer)
@@ -92,6 +94,7 @@ class OutputProcessor:
         self._counts[token] += 1
         self.generated += 1
         self.last_token = token
+        self.tokens.append(token)
 
         out = self._pending
         out.token_ids.append(token)
@@ -135,6 +138,7 @@ class OutputProcessor:
         out.error = error
         out.prompt_tokens = len(self.request.prompt)
         out.completion_tokens = self.generated
+        out.cached_tokens = self.cached_tokens
 
     def take(self) -> SequenceOutput:
         """The output built since the last `take`, and a fresh one to build the next."""
