@@ -195,16 +195,53 @@ def test_n_prefills_its_prompt_once(cached, plain):
     assert hits == 3 * (len(prompt) - 1)  # the other three choices copied all but the last token
 
 
-def test_echo_with_logprobs_is_exact_and_prefills_in_full(cached, plain):
-    prompt = CONTEXT + ids(6)
-    complete(cached, CONTEXT + ids(2))  # the context is cached
-    body = {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0}
-    got, want = post(cached, "/v1/completions", body), post(plain, "/v1/completions", body)
-    assert got["choices"][0]["logprobs"]["tokens"] == want["choices"][0]["logprobs"]["tokens"]
-    np.testing.assert_allclose(
-        got["choices"][0]["logprobs"]["token_logprobs"][1:], want["choices"][0]["logprobs"]["token_logprobs"][1:], rtol=0, atol=LOGPROB_TOL
-    )
-    assert got["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # every position's logits are needed
+def echo(server, prompt: list[int], k: int, max_tokens: int = 0) -> dict:
+    """lm-eval's loglikelihood request: the prompt's logprobs (echo), k alternatives each."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "echo": True, "logprobs": k, "temperature": 0, "return_tokens_as_token_ids": True}
+    return post(server, "/v1/completions", body)
+
+
+def assert_same_echo(got: dict, want: dict) -> None:
+    for c, w in zip(got["choices"], want["choices"], strict=True):
+        lp, wlp = c["logprobs"], w["logprobs"]
+        assert lp["tokens"] == wlp["tokens"] and lp["token_logprobs"][0] is None
+        np.testing.assert_allclose(lp["token_logprobs"][1:], wlp["token_logprobs"][1:], rtol=0, atol=LOGPROB_TOL)
+        for top, wtop in zip(lp["top_logprobs"][1:], wlp["top_logprobs"][1:]):
+            assert list(top) == list(wtop)  # the same alternatives, in the same order
+            np.testing.assert_allclose(list(top.values()), list(wtop.values()), rtol=0, atol=LOGPROB_TOL)
+
+
+def test_echo_reuses_a_prefix_only_with_its_logprobs(cached, plain):
+    context = ids(50)
+    complete(cached, context + ids(2))  # the context's keys and values are cached, its logprobs are not
+    prompt = context + ids(6)
+    got = echo(cached, prompt, 2)
+    assert_same_echo(got, echo(plain, prompt, 2))
+    assert got["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # no logprobs known for the context
+    again = context + ids(4)
+    got = echo(cached, again, 2)  # now they are: keys, values and logprobs of the context reused
+    assert_same_echo(got, echo(plain, again, 2))
+    # positions 0..48 reused; position 49's logits score the first token after the context
+    assert got["usage"]["prompt_tokens_details"]["cached_tokens"] == len(context) - 1
+    got = echo(cached, again, 1, max_tokens=3)  # fewer alternatives, and a completion after the echo
+    assert_same_echo(got, echo(plain, again, 1, max_tokens=3))
+    assert got["usage"]["prompt_tokens_details"]["cached_tokens"] == len(again) - 1
+    got = echo(cached, again, 4)  # more alternatives than were kept: prefilled in full
+    assert_same_echo(got, echo(plain, again, 4))
+    assert got["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+def test_lm_eval_multiple_choice_shares_the_context(cached, plain):
+    """Four loglikelihood requests on one context, sent together: the context is prefilled once."""
+    context = ids(60)
+    prompts = [context + ids(3 + i) for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda p: echo(cached, p, 1), prompts))
+        want = list(pool.map(lambda p: echo(plain, p, 1), prompts))
+    for g, w in zip(got, want):
+        assert_same_echo(g, w)
+    hits = sorted(g["usage"]["prompt_tokens_details"]["cached_tokens"] for g in got)
+    assert hits == [0] + [len(context) - 1] * 3, hits  # the first one prefilled the context, the others waited and copied it
 
 
 def test_openai_sdk_reports_cached_tokens(cached):

@@ -23,8 +23,8 @@ holds). A prompt starting its prefill copies the longest prefix it shares with a
 with an active sequence's row into its own row and prefills only the rest (always at least its
 last token, whose logits give the first token); a prompt that shares more with a prompt being
 prefilled right now (the choices of an `n` > 1 request, a burst of requests on one context) waits
-for that prefill and then copies it. Prompts that want prompt logprobs need every position's
-logits, so they prefill in full (their keys and values are still kept for others).
+for that prefill and then copies it. A prompt that wants its prompt logprobs (echo) reuses a
+prefix only as far as earlier prompts' logprobs are known too (prefix_cache.ScoredPrefixes).
 
 Every sequence gets exactly one final output (finish_reason stop, length, abort or error),
 whatever happens: cancelled, aborted at shutdown, its own output failed (that sequence alone
@@ -46,7 +46,7 @@ from nanogpt_mlx.model.runner import PrefillChunk, Runner
 from nanogpt_mlx.model.tokenizer import EOT_ID
 from nanogpt_mlx.server.engine import faults
 from nanogpt_mlx.server.engine.output import OutputProcessor
-from nanogpt_mlx.server.engine.prefix_cache import PrefixCache, common_prefix
+from nanogpt_mlx.server.engine.prefix_cache import PrefixCache, ScoredPrefixes, common_prefix
 from nanogpt_mlx.server.engine.slots import SlotTable
 from nanogpt_mlx.server.engine.types import (
     RATE_WINDOW,
@@ -209,6 +209,7 @@ class Engine:
         self._slots: SlotTable[Sequence] = SlotTable(max_batch + 1)
         first_spare = max_batch + 1  # the prefix cache's rows follow the slots' rows
         self._prefix = PrefixCache(range(first_spare, first_spare + prefix_cache_rows)) if prefix_cache_rows > 0 else None
+        self._scored = ScoredPrefixes(prefix_cache_rows) if prefix_cache_rows > 0 else None  # prompt logprobs kept
         self._prefilling: list[Sequence] = []  # admitted, prompt not complete (FIFO)
         self._outputs: list[Sequence] = []  # sequences with output pending this step
         self._stats = StepStats()  # this step's, until reported
@@ -436,6 +437,9 @@ class Engine:
         tokens = seq.tokens_in_row()
         if row < 0 or len(tokens) < 2:  # a lone token leaves nothing to reuse (one is always prefilled)
             return
+        scored = seq.output.prompt_logprobs_so_far
+        if len(scored) >= 2:
+            self._scored.store(seq.request.prompt[: len(scored)], seq.request.prompt_logprobs, scored)
         target = self._prefix.store(tokens)
         if target is None:  # already cached
             return
@@ -463,10 +467,41 @@ class Engine:
         best = min(best, limit)
         return (row, best) if best >= min(MIN_PREFIX, limit) else (-1, 0)
 
+    def _find_scored(self, seq: Sequence) -> tuple[int, list]:
+        """For a prompt that wants its prompt logprobs: the longest run of its first tokens whose
+        logprobs (with enough alternatives) are known, from an earlier prompt or an active one's."""
+        prompt, k = seq.request.prompt, seq.request.prompt_logprobs
+        tokens = np.asarray(prompt, dtype=np.int64)
+        best, entries = self._scored.match(tokens, k)
+        for other in self._slots.items():
+            if other is not seq and other.request.prompt_logprobs is not None and other.request.prompt_logprobs >= k:
+                known = other.output.prompt_logprobs_so_far
+                n = common_prefix(tokens, np.asarray(other.request.prompt[: len(known)], dtype=np.int64))
+                if n > best:
+                    best, entries = n, known[:n]
+        return best, entries
+
+    def _lookup(self, seq: Sequence) -> tuple[int, int, list]:
+        """Where to copy the prompt's prefix from: (row, length, the prefix's prompt logprobs if
+        it wants them); (-1, 0, []) when nothing is worth copying."""
+        source, reused = self._find_prefix(seq)
+        if not seq.output.wants_prompt_logprobs or reused == 0:
+            return source, reused, []
+        # Reusing positions 0..m-1 skips the logits that score tokens 1..m: their logprobs must be known.
+        scored, entries = self._find_scored(seq)
+        reused = min(reused, scored - 1)
+        limit = len(seq.request.prompt) - 1
+        if reused < min(MIN_PREFIX, limit):
+            return -1, 0, []
+        return source, reused, entries[: reused + 1]
+
     def _worth_waiting(self, seq: Sequence, available: int, prefilling: list[Sequence]) -> bool:
         """Would the sequence gain a longer prefix by waiting for one of these prompts' prefills?"""
         prompt = seq.request.prompt
         limit = len(prompt) - 1
+        k = seq.request.prompt_logprobs
+        if k is not None:  # only a prompt computing at least as many alternatives helps
+            prefilling = [s for s in prefilling if s.request.prompt_logprobs is not None and s.request.prompt_logprobs >= k]
         if limit <= 0 or not prefilling:
             return False
         tokens = np.asarray(prompt, dtype=np.int64)
@@ -507,12 +542,14 @@ class Engine:
             prompt = seq.request.prompt
             row = self._slots.row(seq)
             source, reused = -1, 0
-            looks_up = row < 0 and self._prefix is not None and not seq.output.wants_prompt_logprobs
+            looks_up = row < 0 and self._prefix is not None
             if looks_up:
-                source, reused = self._find_prefix(seq)
+                source, reused, scored = self._lookup(seq)
                 if self._worth_waiting(seq, reused, [s for s, _, _, _ in planned]):
                     continue  # prefilled by a later forward, copying the prefix this one writes
                 seq.prefilled = reused
+                if scored:
+                    seq.output.reuse_prompt_logprobs(scored)
             begin = seq.prefilled
             chunk = prompt[begin : begin + budget]
             budget -= len(chunk)
@@ -682,6 +719,7 @@ class Engine:
             self._release(seq, "error", message)
         if self._prefix is not None:  # the model failed mid-way: trust no row it may have written
             self._prefix.clear()
+            self._scored.clear()
         self._slots.clear()
         self._prefilling = []
         self._active = 0

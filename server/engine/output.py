@@ -52,6 +52,17 @@ class OutputProcessor:
     def wants_prompt_logprobs(self) -> bool:
         return self._prompt_logprobs is not None
 
+    @property
+    def prompt_logprobs_so_far(self) -> list[TokenLogprob]:
+        """The prompt's logprobs computed so far: one per prompt token from the first on."""
+        return self._prompt_logprobs or []
+
+    def reuse_prompt_logprobs(self, entries: list[TokenLogprob]) -> None:
+        """Start from the logprobs of the prompt's first len(entries) tokens, computed for another
+        sequence with the same prefix and at least as many alternatives (prefix caching)."""
+        k = self.request.prompt_logprobs
+        self._prompt_logprobs = [TokenLogprob(e.token, e.logprob, e.top[:k], e.rank) for e in entries]
+
     # --- the prompt ------------------------------------------------------------------------------------
     def add_prompt_logits(self, begin: int, logits: np.ndarray) -> None:
         """Record the logprobs of a prompt chunk that starts at position `begin`; `logits` has one

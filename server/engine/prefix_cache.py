@@ -16,10 +16,16 @@ again, only marked as used.
 
 The engine also matches against the rows of the sequences it is running (loop.py), which this
 table does not know about: it only holds the spare rows.
+
+A prompt that wants its prompt logprobs (echo, lm-eval's loglikelihood requests) needs them for
+the positions it does not prefill too: `ScoredPrefixes` keeps the prompt logprobs of earlier such
+prompts, and the engine reuses a prefix only as far as both its keys and values and its logprobs
+are known.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -99,3 +105,51 @@ class PrefixCache:
     def clear(self) -> None:
         self._tokens.clear()
         self._last_used.clear()
+
+
+class ScoredPrefixes:
+    """The prompt logprobs of earlier prompts, for prompts that want them (echo with logprobs,
+    `prompt_logprobs`): such a prompt needs the logits of every position, so it can take a cached
+    prefix's keys and values only together with the logprobs computed for those positions.
+
+    The logprob of prompt token i depends on tokens 0..i only, so an entry made for one prompt
+    serves any prompt sharing its first i+1 tokens, with at most as many alternatives (`k`) as it
+    was computed with. `size` entries at most, least recently used evicted.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entries: OrderedDict[tuple[int, ...], tuple[np.ndarray, int, list]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def store(self, tokens: Sequence[int], k: int, logprobs: list) -> None:
+        """Keep `logprobs` (one per token of `tokens`, the first token's included) computed with `k` alternatives."""
+        key = tuple(int(t) for t in tokens)
+        if len(key) != len(logprobs):
+            raise ValueError(f"{len(logprobs)} logprobs for {len(key)} tokens")
+        held = self._entries.get(key)
+        if held is None or held[1] < k:
+            self._entries[key] = (np.asarray(key, dtype=np.int64), k, list(logprobs))
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def match(self, prompt: Sequence[int] | np.ndarray, k: int) -> tuple[int, list]:
+        """The longest run of the prompt's first tokens with logprobs of at least k alternatives:
+        (n, the logprobs of tokens 0..n-1); (0, []) when none."""
+        prompt = np.asarray(prompt, dtype=np.int64)
+        best_key, best = None, 0
+        for key, (tokens, held_k, _) in self._entries.items():
+            if held_k >= k:
+                n = common_prefix(prompt, tokens)
+                if n > best:
+                    best_key, best = key, n
+        if best_key is None:
+            return 0, []
+        self._entries.move_to_end(best_key)
+        return best, self._entries[best_key][2][:best]
+
+    def clear(self) -> None:
+        self._entries.clear()
