@@ -6,9 +6,12 @@ in alternating order round by round (on first in odd rounds), with fresh random 
 round, so neither server has seen its prompts before:
 
     lmeval  lm-eval-like multiple choice: per document a 300-token context (fresh random token
-            ids) and 4 requests = context + a 6-12-token choice, 4 generated tokens each; the
-            documents' requests in order through a closed loop of --concurrency clients
+            ids) and 4 requests = context + a 6-12-token choice, each as lm-eval's
+            `local-completions` sends a loglikelihood request (echo, logprobs 1, max_tokens 1);
+            the documents' requests in order through a closed loop of --concurrency clients
             (lm-eval sends its batch at once)
+    fewshot the same shape with generation instead (a few-shot generate_until task): 4 generated
+            tokens per request
     chat    multi-turn chat: --sessions concurrent conversations of --turns turns; each turn's
             prompt is the whole conversation so far (a ~120-token system prompt, every earlier
             user message and reply) plus a new ~30-token user message; 32 generated tokens
@@ -57,8 +60,8 @@ def _words(rng: np.random.Generator, n: int) -> str:
     return " ".join(rng.choice(WORDS, size=n)) + f" {int(rng.integers(1_000_000))}"
 
 
-async def _closed_loop(base_url: str, requests: list[tuple], concurrency: int) -> list[dict]:
-    """`concurrency` clients taking (prompt, max_tokens) from the list in order."""
+async def _closed_loop(base_url: str, requests: list[tuple], concurrency: int, extra: dict | None = None) -> list[dict]:
+    """`concurrency` clients taking (prompt, max_tokens) from the list in order; `extra`: more request fields."""
     queue: asyncio.Queue = asyncio.Queue()
     for r in requests:
         queue.put_nowait(r)
@@ -69,18 +72,26 @@ async def _closed_loop(base_url: str, requests: list[tuple], concurrency: int) -
         async def worker() -> None:
             while not queue.empty():
                 prompt, max_tokens = queue.get_nowait()
-                results.append(await one_request(client, prompt, max_tokens, 0.0))
+                results.append(await one_request(client, prompt, max_tokens, 0.0, extra))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return results
 
 
-async def lmeval(base_url: str, rng: np.random.Generator, args) -> list[dict]:
+def _documents(rng: np.random.Generator, args, max_tokens: int) -> list[tuple]:
     requests = []
     for _ in range(args.documents):
         context = _ids(rng, 300)
-        requests += [(context + _ids(rng, int(rng.integers(6, 13))), 4) for _ in range(4)]
-    return await _closed_loop(base_url, requests, args.concurrency)
+        requests += [(context + _ids(rng, int(rng.integers(6, 13))), max_tokens) for _ in range(4)]
+    return requests
+
+
+async def lmeval(base_url: str, rng: np.random.Generator, args) -> list[dict]:
+    return await _closed_loop(base_url, _documents(rng, args, 1), args.concurrency, {"echo": True, "logprobs": 1})
+
+
+async def fewshot(base_url: str, rng: np.random.Generator, args) -> list[dict]:
+    return await _closed_loop(base_url, _documents(rng, args, 4), args.concurrency)
 
 
 async def unique(base_url: str, rng: np.random.Generator, args) -> list[dict]:
@@ -105,7 +116,7 @@ async def chat(base_url: str, rng: np.random.Generator, args) -> list[dict]:
         return [r for rs in await asyncio.gather(*(session(s, q) for s, q in sessions)) for r in rs]
 
 
-WORKLOADS: dict[str, Callable] = {"lmeval": lmeval, "chat": chat, "unique": unique}
+WORKLOADS: dict[str, Callable] = {"lmeval": lmeval, "fewshot": fewshot, "chat": chat, "unique": unique}
 
 
 def _counter(text: str, name: str) -> float:
@@ -174,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="rounds per workload, alternating which server goes first")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--device", default="auto")
-    p.add_argument("--concurrency", type=int, default=8, help="clients of the lmeval and unique workloads")
-    p.add_argument("--documents", type=int, default=8, help="lmeval: documents of 4 choices each")
+    p.add_argument("--concurrency", type=int, default=8, help="clients of the lmeval, fewshot and unique workloads")
+    p.add_argument("--documents", type=int, default=8, help="lmeval and fewshot: documents of 4 choices each")
     p.add_argument("--sessions", type=int, default=8, help="chat: concurrent conversations")
     p.add_argument("--turns", type=int, default=4, help="chat: turns per conversation")
     p.add_argument("--unique-requests", type=int, default=32, help="unique: requests")

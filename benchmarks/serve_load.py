@@ -84,9 +84,11 @@ def wait_healthy(base_url: str, proc: subprocess.Popen, timeout: float = 120.0) 
     raise TimeoutError("the server did not become healthy")
 
 
-async def one_request(client: httpx.AsyncClient, prompt: str | list[int], max_tokens: int, temperature: float) -> dict:
+async def one_request(
+    client: httpx.AsyncClient, prompt: str | list[int], max_tokens: int, temperature: float, extra: dict | None = None
+) -> dict:
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **(extra or {})}
     sent = time.perf_counter()
     arrivals: list[float] = []
     texts: list[str] = []
