@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from openai import OpenAI
 
-from nanogpt_mlx.server.engine.prefix_cache import PrefixCache, common_prefix
+from nanogpt_mlx.server.engine.prefix_cache import PrefixCache, ScoredPrefixes, common_prefix
 
 from server_support import ThreadedServer, metric_value, stream_chunks
 
@@ -86,6 +86,25 @@ def test_lru_order_follows_use_not_insertion():
     cache.match([1, 1, 1])  # a used after b
     assert cache.store([3, 3]) == b
     assert cache.match([1, 1]) == (a, 2)
+
+
+def test_scored_prefixes_need_enough_alternatives_and_evict_lru():
+    scored = ScoredPrefixes(size=2)
+    assert scored.match([1, 2], 1) == (0, [])
+    scored.store([1, 2, 3], 2, ["a", "b", "c"])
+    assert scored.match([1, 2, 9], 1) == (2, ["a", "b"])
+    assert scored.match([1, 2, 3, 4], 2) == (3, ["a", "b", "c"])
+    assert scored.match([1, 2, 3], 3) == (0, [])  # computed with fewer alternatives than asked
+    scored.store([1, 2, 3], 1, ["x", "y", "z"])  # fewer alternatives: the entry with more is kept
+    assert scored.match([1, 2, 3], 2) == (3, ["a", "b", "c"])
+    scored.store([5, 5], 1, ["p", "q"])
+    scored.match([1, 2], 1)  # [1, 2, 3] used after [5, 5]
+    scored.store([6, 6], 1, ["r", "s"])  # evicts [5, 5]
+    assert len(scored) == 2 and scored.match([5, 5], 1) == (0, []) and scored.match([6, 6], 1) == (2, ["r", "s"])
+    with pytest.raises(ValueError):
+        scored.store([1, 2], 1, ["only one"])
+    scored.clear()
+    assert len(scored) == 0
 
 
 # --- over HTTP: the same answers with and without the cache ---------------------------------------
