@@ -366,3 +366,20 @@ def test_lru_eviction_under_a_small_bound(tiny_checkpoint, plain, rows):
             assert cached_tokens(server, c) == len(c) - 1  # b took a's row, c kept its own
         for prompt in (a, b, c):
             assert_same(complete(server, prompt), complete(plain, prompt))
+
+
+def test_settings_flags_and_environment(monkeypatch):
+    import argparse
+
+    from nanogpt_mlx.server.settings import ServerSettings, add_arguments, from_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = from_arguments(parser.parse_args([]))
+    assert (defaults.prefix_cache, defaults.prefix_cache_rows) == (True, 32)
+    off = from_arguments(parser.parse_args(["--no-prefix-cache", "--prefix-cache-rows", "4"]))
+    assert (off.prefix_cache, off.prefix_cache_rows) == (False, 4)
+    monkeypatch.setenv("NANOGPT_MLX_PREFIX_CACHE", "false")
+    assert ServerSettings().prefix_cache is False
+    with pytest.raises(ValueError, match="--prefix-cache-rows"):
+        from_arguments(parser.parse_args(["--prefix-cache-rows", "0"]))
