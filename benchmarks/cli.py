@@ -23,6 +23,7 @@ BENCHMARKS = {
     "train": ("train_speed", "training-step tok/s and peak memory"),
     "fast-ops": ("fast_ops", "native vs polynomial softmax/cross-entropy/GELU in a training step, side by side"),
     "metrics-overhead": ("metrics_overhead", "server throughput with and without Prometheus metrics"),
+    "prefix-cache": ("prefix_cache", "prefix caching on vs off: TTFT and throughput on lm-eval-like, multi-turn chat and unique prompts"),
     "structured": ("structured_mask", "structured output's token-mask cost at 1 and 32 rows: llguidance, xgrammar, outlines-core"),
 }
 

@@ -84,11 +84,14 @@ def wait_healthy(base_url: str, proc: subprocess.Popen, timeout: float = 120.0) 
     raise TimeoutError("the server did not become healthy")
 
 
-async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, temperature: float) -> dict:
+async def one_request(
+    client: httpx.AsyncClient, prompt: str | list[int], max_tokens: int, temperature: float, extra: dict | None = None
+) -> dict:
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **(extra or {})}
     sent = time.perf_counter()
     arrivals: list[float] = []
+    texts: list[str] = []
     tokens = 0
     try:
         async with client.stream("POST", "/v1/completions", json=body) as r:
@@ -106,6 +109,7 @@ async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, t
                     return {"error": chunk["error"]["message"] if isinstance(chunk["error"], dict) else str(chunk["error"])}
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
                     arrivals.append(time.perf_counter())
+                    texts.append(chunk["choices"][0]["text"])
                 if chunk.get("usage"):  # a usage-only chunk (OpenAI), or usage on the last chunk (llama-server)
                     tokens = chunk["usage"]["completion_tokens"]
     except httpx.HTTPError as exc:
@@ -113,7 +117,7 @@ async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, t
     if not arrivals:
         return {"error": "no tokens"}
     # A server that reports no usage: one streamed chunk per token (the servers measured here stream token by token).
-    return {"sent": sent, "arrivals": arrivals, "tokens": tokens or len(arrivals), "done": time.perf_counter()}
+    return {"sent": sent, "arrivals": arrivals, "tokens": tokens or len(arrivals), "done": time.perf_counter(), "text": "".join(texts)}
 
 
 async def run_level(

@@ -1,13 +1,14 @@
 """`ModelRunner`: the model plus one preallocated KV cache, driven with NumPy in and out.
 
 This is the whole interface a serving engine needs (`Runner`): put a prompt (or a chunk of it)
-into a cache row, advance many rows by one token in a single batched step, and move a row to keep
-the running rows contiguous. Everything about speed on a given device (bucketing shapes, compiled
-graphs, the device's ops for the LM head and batched prefills) belongs here or in ops.py, so the
-engine stays free of MLX details.
+into a cache row, advance many rows by one token in a single batched step, move a row to keep
+the running rows contiguous, and copy a row's first positions (prefix caching). Everything
+about speed on a given device (bucketing shapes, compiled graphs, the device's ops for the LM
+head and batched prefills) belongs here or in ops.py, so the engine stays free of MLX details.
 
 Invariant the caller keeps: `decode` advances rows 0..B-1, so those B rows must be the running
-sequences; rows at B and above may hold prompts being prefilled and are left untouched.
+sequences; rows at B and above may hold prompts being prefilled (or cached prefixes) and are
+left untouched.
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ class Runner(Protocol):
         """Before serving: run the largest steps a caller with `rows` rows and prefill forwards of
         `prefill_tokens` tokens will ask for, and a small one. Leaves no row holding anything a
         caller relies on (every row is prefilled before it is decoded)."""
+        ...
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Copy positions 0..length-1 of row `src` into row `dst` (prefix caching); `src` is left as it was."""
         ...
 
     def close(self) -> None:
@@ -293,6 +298,16 @@ class ModelRunner:
         """Copy row `src`'s cache into row `dst` (the caller then treats `src` as free)."""
         if src != dst:
             self.cache.copy_row(src, dst)
+            mx.eval(self.cache.state())
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Copy positions 0..length-1 of row `src` into row `dst`, leaving the rest of `dst` as it was.
+
+        Only `length` positions move, which is what makes a cached prefix cheap to reuse: a copy
+        instead of a forward pass over those tokens.
+        """
+        if src != dst and length > 0:
+            self.cache.copy_prefix(src, dst, length)
             mx.eval(self.cache.state())
 
     def close(self) -> None:

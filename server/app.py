@@ -97,6 +97,7 @@ class ServerContext:
             max_queue=settings.max_queue,
             max_len=self.max_len,
             prefill_chunk=settings.prefill_chunk,
+            prefix_cache_rows=settings.prefix_cache_rows if settings.prefix_cache else 0,
             stats_callback=self.metrics.observe_step if settings.metrics else None,
         )
         try:

@@ -29,7 +29,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from nanogpt_mlx.model.tokenizer import EOT_ID, EOT_TOKEN
-from nanogpt_mlx.server.completions import Plan, Planner, TokenTexts, best_choices, generation_failed
+from nanogpt_mlx.server.completions import CachedTokens, Plan, Planner, TokenTexts, best_choices, generation_failed
 from nanogpt_mlx.server.engine import SequenceOutput, Submission
 from nanogpt_mlx.server.protocol import (
     APIError,
@@ -195,19 +195,21 @@ class ChatCompletions:
     async def respond(self, plan: Plan, submission: Submission, response_id: str, model: str) -> ChatCompletionResponse:
         renders = [_ChatChoiceRender(self.texts, plan, i) for i in range(len(plan.sequences))]
         completion_tokens = 0
+        cached = CachedTokens(plan)
         async for index, output in submission:
             if output.finish_reason == "error":
                 submission.cancel()
                 raise generation_failed(output)
             renders[index].add(output)
             completion_tokens += output.completion_tokens
+            cached.add(index, output)
         req = plan.request
         return ChatCompletionResponse(
             id=response_id,
             created=int(time.time()),
             model=model,
             choices=[render.whole(index) for index, render in enumerate(best_choices(plan, renders))],
-            usage=Usage.of(plan.prompt_tokens, completion_tokens),
+            usage=Usage.of(plan.prompt_tokens, completion_tokens, cached.total),
             prompt_logprobs=renders[0].prompt_logprobs,
             prompt_token_ids=plan.prompts[0] if req.return_token_ids else None,
             prompt_text=plan.prompt_texts[0] if req.return_prompt_text else None,
@@ -229,6 +231,7 @@ class ChatCompletions:
             return c.model_dump_json(exclude=None if continuous else {"usage"})
 
         completion_tokens = 0
+        cached = CachedTokens(plan)
         try:
             for i, render in enumerate(renders):
                 first = ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
@@ -244,12 +247,13 @@ class ChatCompletions:
                     yield "[DONE]"
                     return
                 completion_tokens += output.completion_tokens
+                cached.add(index, output)
                 render = renders[index]
                 piece = render.delta(output)
                 if piece is not None:
                     yield chunk(piece, render)
             if include_usage:
-                usage = Usage.of(plan.prompt_tokens, completion_tokens)
+                usage = Usage.of(plan.prompt_tokens, completion_tokens, cached.total)
                 yield ChatCompletionChunk(id=response_id, created=created, model=model, choices=[], usage=usage).model_dump_json()
             yield "[DONE]"
         finally:

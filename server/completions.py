@@ -290,18 +290,20 @@ class Completions:
         """Wait for every sequence to finish; one response with the n best choices per prompt."""
         renders = [_ChoiceRender(self.texts, plan, i) for i in range(len(plan.sequences))]
         completion_tokens = 0
+        cached = CachedTokens(plan)
         async for index, output in submission:
             if output.finish_reason == "error":
                 submission.cancel()
                 raise generation_failed(output)
             renders[index].add(output)
             completion_tokens += output.completion_tokens
+            cached.add(index, output)
         return CompletionResponse(
             id=response_id,
             created=int(time.time()),
             model=model,
             choices=[render.whole(index) for index, render in enumerate(best_choices(plan, renders))],
-            usage=Usage.of(plan.prompt_tokens, completion_tokens),
+            usage=Usage.of(plan.prompt_tokens, completion_tokens, cached.total),
         )
 
     async def stream(self, plan: Plan, submission: Submission, response_id: str, model: str) -> AsyncIterator[str]:
@@ -312,6 +314,7 @@ class Completions:
         created = int(time.time())
         renders = [_ChoiceRender(self.texts, plan, i) for i in range(len(plan.sequences))]
         completion_tokens = 0
+        cached = CachedTokens(plan)
         try:
             async for index, output in submission:
                 if output.finish_reason == "error":
@@ -319,6 +322,7 @@ class Completions:
                     yield "[DONE]"
                     return
                 completion_tokens += output.completion_tokens
+                cached.add(index, output)
                 render = renders[index]
                 piece = render.delta(output)
                 if piece is None:
@@ -328,7 +332,7 @@ class Completions:
                     chunk.usage = render.usage()
                 yield chunk.model_dump_json(exclude=None if continuous else {"usage"})
             if include_usage:
-                usage = Usage.of(plan.prompt_tokens, completion_tokens)
+                usage = Usage.of(plan.prompt_tokens, completion_tokens, cached.total)
                 yield CompletionChunk(id=response_id, created=created, model=model, choices=[], usage=usage).model_dump_json()
             yield "[DONE]"
         finally:
@@ -340,6 +344,20 @@ def generation_failed(output: SequenceOutput) -> APIError:
     body of a 500, or, in a stream, an event followed by `[DONE]` (as vLLM does) so clients that
     read to the end of the stream stop cleanly."""
     return APIError(500, f"generation failed: {output.error}", type="server_error", code="engine_error")
+
+
+class CachedTokens:
+    """A request's `usage.prompt_tokens_details.cached_tokens`: as `prompt_tokens` counts each prompt
+    once whatever `n`, the prefix-cache hit of each prompt's first sample (the others copy the
+    prompt that one prefilled). None while the engine reports none (prefix caching off)."""
+
+    def __init__(self, plan: Plan):
+        self.per_prompt = plan.per_prompt
+        self.total: int | None = None
+
+    def add(self, index: int, output: SequenceOutput) -> None:
+        if output.finish_reason is not None and output.cached_tokens is not None and index % self.per_prompt == 0:
+            self.total = (self.total or 0) + output.cached_tokens
 
 
 def best_choices(plan: Plan, renders: list):

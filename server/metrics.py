@@ -107,6 +107,13 @@ class ServerMetrics:
 
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens prefilled.", registry=r)
         self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Tokens generated.", registry=r)
+        # vLLM's names (vllm:prefix_cache_queries / _hits), in tokens: hits / queries is the hit rate.
+        self.prefix_cache_queries = Counter(
+            f"{PREFIX}_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", registry=r
+        )
+        self.prefix_cache_hits = Counter(
+            f"{PREFIX}_prefix_cache_hits", "Prompt tokens found in the prefix cache (copied, not prefilled).", registry=r
+        )
         self.finished = Counter(
             f"{PREFIX}_requests_finished",
             "Sequences finished, by finish_reason (stop, length, abort, error).",
@@ -142,6 +149,10 @@ class ServerMetrics:
             self.prompt_tokens.inc(step.prompt_tokens)
         if step.generation_tokens:
             self.generation_tokens.inc(step.generation_tokens)
+        if step.prefix_cache_queries:
+            self.prefix_cache_queries.inc(step.prefix_cache_queries)
+        if step.prefix_cache_hits:
+            self.prefix_cache_hits.inc(step.prefix_cache_hits)
         for seconds in step.queue_times:
             self.queue_time.observe(seconds)
         for seconds in step.time_to_first_tokens:
@@ -181,6 +192,8 @@ _FAMILIES = (
     "batch_size",
     "prompt_tokens",
     "generation_tokens",
+    "prefix_cache_queries",
+    "prefix_cache_hits",
     "finished",
     "errors",
     "http_requests",

@@ -39,6 +39,16 @@ class ServerSettings(BaseSettings):
     prefill_chunk: int = Field(
         1024, ge=1, description="prompt tokens prefilled between two decode steps (batched), so prompts never stall decoding for long"
     )
+    prefix_cache: bool = Field(
+        True, description="automatic prefix caching: keep finished sequences' keys and values and reuse the longest cached prefix "
+        "of a new prompt (--no-prefix-cache: every prompt is prefilled in full)"
+    )
+    # A row holds one sequence (up to the context) in every layer: with the bundled 8-layer,
+    # 384-wide model, 512 positions x 8 layers x 2 x 384 float32 = 12.6 MB a row, 32 rows ~400 MB.
+    prefix_cache_rows: int = Field(
+        32, ge=1, le=4096, description="KV-cache rows kept for cached prefixes beyond --max-batch, each one sequence of up to the "
+        "context; least recently used evicted"
+    )
     api_key: str | None = Field(None, description="require `Authorization: Bearer KEY` on /v1 and /tokenize routes")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="largest accepted request body (413 beyond)")
     max_n: int = Field(16, ge=1, description="largest `n` (choices per prompt) or `best_of` a request may ask for")

@@ -93,7 +93,7 @@ def test_dashboard_is_an_importable_grafana_model_with_a_datasource_variable():
     titles = {p["title"] for p in board["panels"]}
     for wanted in [
         "Request rate", "Tokens per second", "Time to first token", "Inter-token latency", "End-to-end latency",
-        "Queue time", "Running and waiting", "Decode batch size", "KV-cache usage", "Errors by code",
+        "Queue time", "Running and waiting", "Decode batch size", "KV-cache usage", "Errors by code", "Prefix cache hit rate",
     ]:  # fmt: skip
         assert wanted in titles
     exprs = " ".join(expr for _, expr in dashboard_targets())
@@ -270,6 +270,8 @@ def test_metrics_exposition_parses_with_every_family(traffic):
         "nanogpt_mlx_decode_batch_size": "histogram",
         "nanogpt_mlx_prompt_tokens": "counter",
         "nanogpt_mlx_generation_tokens": "counter",
+        "nanogpt_mlx_prefix_cache_queries": "counter",
+        "nanogpt_mlx_prefix_cache_hits": "counter",
         "nanogpt_mlx_requests_finished": "counter",
         "nanogpt_mlx_http_errors": "counter",
         "nanogpt_mlx_http_requests": "counter",
@@ -295,6 +297,9 @@ def test_metrics_exposition_parses_with_every_family(traffic):
     assert metric_value(text, "nanogpt_mlx_kv_cache_slots_total") == 2
     assert metric_value(text, "nanogpt_mlx_generation_tokens_total") >= 8 * 2 + 12 + 6
     assert metric_value(text, "nanogpt_mlx_time_to_first_token_seconds_count") >= 4
+    # n = 2: the second choice copies the first one's prompt (all but its last token) from the prefix cache
+    prompt_tokens = traffic["plain"].usage.prompt_tokens
+    assert metric_value(text, "nanogpt_mlx_prefix_cache_hits_total") >= prompt_tokens - 1 > 0
 
 
 @needs_prometheus

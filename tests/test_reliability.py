@@ -80,7 +80,8 @@ def test_a_disconnect_storm_frees_every_slot_and_the_next_request_is_served_exac
     wait_for(settled, "every slot free and the gauges at 0")
     after = greedy(base, "After the storm")
     assert after["choices"][0]["text"] == reference["choices"][0]["text"]
-    assert after["usage"] == reference["usage"]
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")  # cached_tokens depends on what the prefix cache kept
+    assert [after["usage"][k] for k in counts] == [reference["usage"][k] for k in counts]
     metrics = httpx.get(base + "/metrics", timeout=10).text
     finished = {reason: metric_value(metrics, "nanogpt_mlx_requests_finished_total", f'finish_reason="{reason}"')
                 for reason in ("stop", "length", "abort", "error")}

@@ -429,8 +429,12 @@ class BookkeepingRunner:
     def next_token(history: list[int]) -> int:
         return (sum(history) * 31 + len(history) * 7) % 50000
 
+    # A small ramp under the one-hot logit: distinct values keep top-k selection (prompt
+    # logprobs) fast, where 50,256 equal ones are argpartition's slowest case.
+    RAMP = np.linspace(0.0, 1e-3, vocab_size, dtype=np.float32)
+
     def _logits(self, history: list[int]) -> np.ndarray:
-        logits = np.zeros(self.vocab_size, dtype=np.float32)
+        logits = self.RAMP.copy()
         logits[self.next_token(history)] = 1.0
         return logits
 
@@ -461,6 +465,11 @@ class BookkeepingRunner:
 
     def warm_up(self, rows, prefill_tokens):
         pass  # no compiled shapes or memory to warm; rows stay empty
+
+    def copy_prefix(self, src, dst, length):
+        assert src != dst and 0 < length <= len(self.rows[src]), (src, dst, length, len(self.rows[src]))  # only written positions
+        self.rows[dst] = list(self.rows[src][:length])
+        self.copies = getattr(self, "copies", 0) + 1
 
     def close(self):
         pass
@@ -561,6 +570,68 @@ def test_slot_bookkeeping_under_scripted_schedules():
 
     moves = sum(asyncio.run(schedule(seed)) for seed in range(80))
     assert moves > 0
+
+
+def test_prefix_cache_bookkeeping_under_scripted_schedules():
+    """The same scripted schedules with prefix caching (1-4 cache rows): prompts built from a few
+    shared bases (repeats, extensions of earlier prompts and of their outputs), n > 1, and echo
+    requests. The bookkeeping runner's logits depend on a row's whole history, so every token and
+    every prompt logprob's alternatives equal the reference only if each copied prefix is exactly
+    the tokens the sequence's prompt starts with; copies must read written positions only."""
+    tokenizer = get_tokenizer()
+
+    async def schedule(seed: int) -> tuple[int, int]:
+        rng = np.random.default_rng(seed)
+        max_batch = int(rng.integers(2, 5))
+        chunk = int(rng.integers(2, 40))
+        engine = Engine(BookkeepingRunner, tokenizer, max_batch=max_batch, max_queue=1000, max_len=128, prefill_chunk=chunk,
+                        prefill_forward=int(rng.integers(1, chunk + 1)), prefix_cache_rows=int(rng.integers(1, 5)))
+        engine.load()
+        bases = [[int(t) for t in rng.integers(0, 50000, size=int(rng.integers(16, 40)))] for _ in range(3)]
+        jobs = []
+
+        def more(low: int, high: int) -> list[int]:
+            return [int(t) for t in rng.integers(0, 50000, size=int(rng.integers(low, high)))]
+
+        for _ in range(60):
+            for _ in range(int(rng.poisson(0.8))):
+                done = [(job[0], (await job[4])[0]["tokens"]) for job in jobs if job[4].done()]
+                if rng.random() < 0.3 and done:  # an earlier prompt, its output and more: a next turn
+                    earlier, output = done[int(rng.integers(len(done)))]
+                    prompt = earlier + output + more(1, 5)
+                else:
+                    base = bases[int(rng.integers(len(bases)))]
+                    prompt = base[: int(rng.integers(1, len(base) + 1))] + more(0, 8)
+                prompt = prompt[:80]
+                max_tokens = int(rng.integers(1, 12))
+                n = 3 if rng.random() < 0.15 else 1
+                echo = 2 if rng.random() < 0.2 else None
+                requests = [greedy(prompt, max_tokens, ignore_eos=True, prompt_logprobs=echo, choice=i) for i in range(n)]
+                submission = engine.submit(requests)
+                jobs.append((prompt, max_tokens, echo, submission, asyncio.ensure_future(collect(submission))))
+            if jobs and rng.random() < 0.05:
+                jobs[int(rng.integers(len(jobs)))][3].cancel()
+            engine.step()
+            await asyncio.sleep(0)
+        while not engine.idle:
+            engine.step()
+            await asyncio.sleep(0)
+        for prompt, max_tokens, echo, _, task in jobs:
+            want = bookkeeping_reference(prompt, max_tokens)
+            for result in await task:
+                if result["finish"] == "abort":
+                    assert result["tokens"] == want[: len(result["tokens"])], seed
+                    continue
+                assert (result["tokens"], result["finish"]) == (want, "length"), seed
+                if echo is not None:
+                    # position i's top alternative is the runner's next token after tokens 0..i-1
+                    tops = [e.top[0][0] for e in result["prompt_logprobs"][1:]]
+                    assert tops == [BookkeepingRunner.next_token(prompt[:i]) for i in range(1, len(prompt))], seed
+        hits = sum(s.output.cached_tokens or 0 for _, _, _, sub, _ in jobs for s in sub.sequences)
+        return hits, getattr(engine.runner, "copies", 0)
+
+    totals = [asyncio.run(schedule(seed)) for seed in range(40)]
+    assert sum(h for h, _ in totals) > 0 and sum(c for _, c in totals) > 0
 
 
 # --- an engine driven by hand (no thread), on the bookkeeping runner ---------------------------------------

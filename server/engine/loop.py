@@ -17,6 +17,15 @@ engine step together with every other running sequence:
 Which sequence holds which cache row, and which rows move so that the running sequences are
 rows 0..B-1 at every decode, is the `SlotTable`'s business (slots.py).
 
+Prefix caching (`prefix_cache_rows` > 0): the runner gets that many rows more, after the slots'
+rows, to keep finished sequences' keys and values in (prefix_cache.py says which tokens each
+holds). A prompt starting its prefill copies the longest prefix it shares with a cached row or
+with an active sequence's row into its own row and prefills only the rest (always at least its
+last token, whose logits give the first token); a prompt that shares more with a prompt being
+prefilled right now (the choices of an `n` > 1 request, a burst of requests on one context) waits
+for that prefill and then copies it. A prompt that wants its prompt logprobs (echo) reuses a
+prefix only as far as earlier prompts' logprobs are known too (prefix_cache.ScoredPrefixes).
+
 Every sequence gets exactly one final output (finish_reason stop, length, abort or error),
 whatever happens: cancelled, aborted at shutdown, its own output failed (that sequence alone
 ends with "error"), or the model raised (every sequence of the batch ends with "error").
@@ -36,6 +45,7 @@ import numpy as np
 from nanogpt_mlx.model.runner import PrefillChunk, Runner
 from nanogpt_mlx.server.engine import faults
 from nanogpt_mlx.server.engine.output import OutputProcessor
+from nanogpt_mlx.server.engine.prefix_cache import PrefixCache, ScoredPrefixes, common_prefix
 from nanogpt_mlx.server.engine.slots import SlotTable
 from nanogpt_mlx.server.engine.types import (
     RATE_WINDOW,
@@ -50,6 +60,11 @@ from nanogpt_mlx.server.engine.types import (
 )
 
 log = logging.getLogger("nanogpt_mlx.engine")
+
+# A prefix shorter than this is not worth reusing, nor waiting for, unless it is the whole prompt
+# but its last token: a copied prefix makes the prompt's forward attend over the cache (and with
+# it the batched forward of every prompt it is prefilled with), which costs more than a few tokens.
+MIN_PREFIX = 16
 
 
 # --- the asyncio side of a request --------------------------------------------------------------
@@ -133,6 +148,13 @@ class Sequence:
     def generated(self) -> int:
         return self.output.generated
 
+    def tokens_in_row(self) -> list[int]:
+        """The tokens whose keys and values its cache row holds (positions 0..len-1)."""
+        prompt = self.request.prompt
+        if self.state == PREFILLING:
+            return prompt[: self.prefilled]
+        return prompt + self.output.tokens[: self.cached - len(prompt)]  # the last sampled token is not fed back yet
+
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
@@ -157,6 +179,7 @@ class Engine:
         prefill_chunk: int = 1024,
         prefill_forward: int = 1024,
         stats_callback: StatsCallback | None = None,
+        prefix_cache_rows: int = 0,
     ):
         self._runner_factory = runner_factory
         self._tokenizer = tokenizer
@@ -165,6 +188,7 @@ class Engine:
         self.max_len = max_len
         self.prefill_chunk = prefill_chunk
         self.prefill_forward = min(prefill_forward, prefill_chunk)
+        self.prefix_cache_rows = prefix_cache_rows  # 0: no prefix caching
         self._stats_callback = stats_callback
         self._faults = faults.from_environment(tokenizer)  # None unless a test asks (faults.py)
 
@@ -182,6 +206,9 @@ class Engine:
         # Owned by the engine thread only. One row more than max_batch: see slots.py.
         self._runner: Runner | None = None
         self._slots: SlotTable[Sequence] = SlotTable(max_batch + 1)
+        first_spare = max_batch + 1  # the prefix cache's rows follow the slots' rows
+        self._prefix = PrefixCache(range(first_spare, first_spare + prefix_cache_rows)) if prefix_cache_rows > 0 else None
+        self._scored = ScoredPrefixes(prefix_cache_rows) if prefix_cache_rows > 0 else None  # prompt logprobs kept
         self._prefilling: list[Sequence] = []  # admitted, prompt not complete (FIFO)
         self._outputs: list[Sequence] = []  # sequences with output pending this step
         self._stats = StepStats()  # this step's, until reported
@@ -199,7 +226,7 @@ class Engine:
         """Build the runner and warm it up on the calling thread. `start()` does this on the engine
         thread; call it yourself only to drive the engine by hand with `step()` (tests), and then
         make every later call on this thread."""
-        self._runner = self._runner_factory(self.max_batch + 1)
+        self._runner = self._runner_factory(self.max_batch + 1 + self.prefix_cache_rows)
         self._warm_up()
         self._ready_at = time.monotonic()
         self.state = "ready"
@@ -378,6 +405,8 @@ class Engine:
         """Give the sequence a slot; its row is chosen when its prefill starts."""
         seq.state = PREFILLING
         seq.admitted_at = now
+        if self._prefix is not None:
+            seq.output.cached_tokens = 0  # until its prefill finds a prefix
         self._prefilling.append(seq)
         self._active += 1
         self._stats.queue_times.append(now - seq.arrival)
@@ -389,13 +418,93 @@ class Engine:
         self._slots.start_running(seq)
 
     def _release(self, seq: Sequence, finish_reason: str | None = None, error: str | None = None) -> None:
-        """Free the sequence's slot and row (the next compaction closes the hole)."""
+        """Free the sequence's slot and row (the next compaction closes the hole), keeping its
+        keys and values in the prefix cache first, unless it ended in an error."""
+        if self._prefix is not None and finish_reason in ("stop", "length", "abort"):
+            self._keep_prefix(seq)
         if seq.state == PREFILLING:
             self._prefilling.remove(seq)
         self._slots.release(seq)
         self._active -= 1
         if finish_reason is not None:
             self._finish(seq, finish_reason, error)
+
+    def _keep_prefix(self, seq: Sequence) -> None:
+        """Copy the sequence's tokens' keys and values into a prefix-cache row (LRU)."""
+        row = self._slots.row(seq)
+        tokens = seq.tokens_in_row()
+        if row < 0 or len(tokens) < 2:  # a lone token leaves nothing to reuse (one is always prefilled)
+            return
+        scored = seq.output.prompt_logprobs_so_far
+        if len(scored) >= 2:
+            self._scored.store(seq.request.prompt[: len(scored)], seq.request.prompt_logprobs, scored)
+        target = self._prefix.store(tokens)
+        if target is None:  # already cached
+            return
+        try:
+            self._runner.copy_prefix(row, target, len(tokens))
+        except Exception:
+            log.exception("copying a finished sequence into the prefix cache failed")
+            self._prefix.discard(target)
+
+    def _find_prefix(self, seq: Sequence) -> tuple[int, int]:
+        """The row holding the longest prefix of the sequence's prompt (a cached row, or an active
+        sequence's), and its length up to all but the last prompt token: (row, length), (-1, 0) if
+        none is worth copying."""
+        prompt = seq.request.prompt
+        limit = len(prompt) - 1
+        if limit <= 0:
+            return -1, 0
+        tokens = np.asarray(prompt, dtype=np.int64)
+        row, best = self._prefix.match(tokens)
+        for other in self._slots.items():
+            if other is not seq:
+                n = common_prefix(tokens, np.asarray(other.tokens_in_row(), dtype=np.int64))
+                if n > best:
+                    row, best = self._slots.row(other), n
+        best = min(best, limit)
+        return (row, best) if best >= min(MIN_PREFIX, limit) else (-1, 0)
+
+    def _find_scored(self, seq: Sequence) -> tuple[int, list]:
+        """For a prompt that wants its prompt logprobs: the longest run of its first tokens whose
+        logprobs (with enough alternatives) are known, from an earlier prompt or an active one's."""
+        prompt, k = seq.request.prompt, seq.request.prompt_logprobs
+        tokens = np.asarray(prompt, dtype=np.int64)
+        best, entries = self._scored.match(tokens, k)
+        for other in self._slots.items():
+            if other is not seq and other.request.prompt_logprobs is not None and other.request.prompt_logprobs >= k:
+                known = other.output.prompt_logprobs_so_far
+                n = common_prefix(tokens, np.asarray(other.request.prompt[: len(known)], dtype=np.int64))
+                if n > best:
+                    best, entries = n, known[:n]
+        return best, entries
+
+    def _lookup(self, seq: Sequence) -> tuple[int, int, list]:
+        """Where to copy the prompt's prefix from: (row, length, the prefix's prompt logprobs if
+        it wants them); (-1, 0, []) when nothing is worth copying."""
+        source, reused = self._find_prefix(seq)
+        if not seq.output.wants_prompt_logprobs or reused == 0:
+            return source, reused, []
+        # Reusing positions 0..m-1 skips the logits that score tokens 1..m: their logprobs must be known.
+        scored, entries = self._find_scored(seq)
+        reused = min(reused, scored - 1)
+        limit = len(seq.request.prompt) - 1
+        if reused < min(MIN_PREFIX, limit):
+            return -1, 0, []
+        return source, reused, entries[: reused + 1]
+
+    def _worth_waiting(self, seq: Sequence, available: int, prefilling: list[Sequence]) -> bool:
+        """Would the sequence gain a longer prefix by waiting for one of these prompts' prefills?"""
+        prompt = seq.request.prompt
+        limit = len(prompt) - 1
+        k = seq.request.prompt_logprobs
+        if k is not None:  # only a prompt computing at least as many alternatives helps
+            prefilling = [s for s in prefilling if s.request.prompt_logprobs is not None and s.request.prompt_logprobs >= k]
+        if limit <= 0 or not prefilling:
+            return False
+        tokens = np.asarray(prompt, dtype=np.int64)
+        shared = max(common_prefix(tokens, np.asarray(other.request.prompt, dtype=np.int64)) for other in prefilling)
+        return min(shared, limit) - available >= min(MIN_PREFIX, limit)
 
     def _compact(self) -> None:
         """Make rows 0..B-1 exactly the running sequences, copying the cache rows that move."""
@@ -423,16 +532,33 @@ class Engine:
     def _prefill_forward(self, budget: int) -> int:
         """One batched prefill call over up to `budget` prompt tokens; returns the tokens it took."""
         planned: list[tuple[Sequence, int, list[int], int]] = []  # (sequence, start, tokens, row)
-        for seq in list(self._prefilling):
+        # An unfinished prefill (holding a row) goes first: were a prompt that waits for another's
+        # prefill (below) to let a later one past it, two unfinished prefills could hold rows (slots.py).
+        for seq in sorted(self._prefilling, key=lambda s: self._slots.row(s) < 0):
             if budget <= 0:
                 break
             prompt = seq.request.prompt
+            row = self._slots.row(seq)
+            source, reused = -1, 0
+            looks_up = row < 0 and self._prefix is not None
+            if looks_up:
+                source, reused, scored = self._lookup(seq)
+                if self._worth_waiting(seq, reused, [s for s, _, _, _ in planned]):
+                    continue  # prefilled by a later forward, copying the prefix this one writes
+                seq.prefilled = reused
+                if scored:
+                    seq.output.reuse_prompt_logprobs(scored)
             begin = seq.prefilled
             chunk = prompt[begin : begin + budget]
             budget -= len(chunk)
-            row = self._slots.row(seq)
             if row < 0:
                 row = self._slots.assign(seq, completes_now=begin + len(chunk) == len(prompt))
+            if looks_up:
+                self._stats.prefix_cache_queries += len(prompt)
+                self._stats.prefix_cache_hits += reused
+                seq.output.cached_tokens = reused
+                if reused:
+                    self._runner.copy_prefix(source, row, reused)
             planned.append((seq, begin, chunk, row))
         if not planned:
             return budget
@@ -589,6 +715,9 @@ class Engine:
     def _fail_active(self, message: str) -> None:
         for seq in self._active_sequences():
             self._release(seq, "error", message)
+        if self._prefix is not None:  # the model failed mid-way: trust no row it may have written
+            self._prefix.clear()
+            self._scored.clear()
         self._slots.clear()
         self._prefilling = []
         self._active = 0

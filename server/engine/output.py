@@ -36,6 +36,8 @@ class OutputProcessor:
         self.request = request
         self.generated = 0  # tokens sampled so far, EOT included
         self.last_token = -1  # the latest sampled token (the next decode's input)
+        self.tokens: list[int] = []  # every sampled token (what the prefix cache keeps with the prompt)
+        self.cached_tokens: int | None = None  # prompt tokens whose keys and values came from the prefix cache (the engine sets it)
         self._counts: Counter[int] = Counter()  # generated tokens, for the penalties
         self._rng = rng_for(request)
         self._detokenizer = StreamingDetokenizer(tokenizer)
@@ -49,6 +51,17 @@ class OutputProcessor:
     @property
     def wants_prompt_logprobs(self) -> bool:
         return self._prompt_logprobs is not None
+
+    @property
+    def prompt_logprobs_so_far(self) -> list[TokenLogprob]:
+        """The prompt's logprobs computed so far: one per prompt token from the first on."""
+        return self._prompt_logprobs or []
+
+    def reuse_prompt_logprobs(self, entries: list[TokenLogprob]) -> None:
+        """Start from the logprobs of the prompt's first len(entries) tokens, computed for another
+        sequence with the same prefix and at least as many alternatives (prefix caching)."""
+        k = self.request.prompt_logprobs
+        self._prompt_logprobs = [TokenLogprob(e.token, e.logprob, e.top[:k], e.rank) for e in entries]
 
     # --- the prompt ------------------------------------------------------------------------------------
     def add_prompt_logits(self, begin: int, logits: np.ndarray) -> None:
@@ -92,6 +105,7 @@ class OutputProcessor:
         self._counts[token] += 1
         self.generated += 1
         self.last_token = token
+        self.tokens.append(token)
 
         out = self._pending
         out.token_ids.append(token)
@@ -135,6 +149,7 @@ class OutputProcessor:
         out.error = error
         out.prompt_tokens = len(self.request.prompt)
         out.completion_tokens = self.generated
+        out.cached_tokens = self.cached_tokens
 
     def take(self) -> SequenceOutput:
         """The output built since the last `take`, and a fresh one to build the next."""

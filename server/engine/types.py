@@ -81,6 +81,7 @@ class SequenceOutput:
     stop_reason: int | str | None = None  # with "stop": the stop string or stop token id (None for EOS)
     prompt_tokens: int = 0  # set on the last output
     completion_tokens: int = 0  # set on the last output: every generated token, EOT included
+    cached_tokens: int | None = None  # set on the last output: prompt tokens reused from the prefix cache (None: caching off)
     error: str | None = None  # with finish_reason "error"
 
 
@@ -165,6 +166,8 @@ class StepStats:
     prefill_tokens: int = 0  # prompt tokens run through the model by this step's prefill forwards
     prompt_tokens: int = 0  # prompt tokens of the sequences whose prefill completed in this step
     generation_tokens: int = 0  # tokens sampled (first tokens and decoded ones)
+    prefix_cache_queries: int = 0  # prompt tokens of the prefills that looked up the prefix cache (vLLM's counter)
+    prefix_cache_hits: int = 0  # of those, tokens found in the cache (copied, not prefilled)
     # timings (seconds)
     step_time: float = 0.0  # the whole step, outputs and sampling included
     prefill_time: float = 0.0  # in the runner's prefill calls
