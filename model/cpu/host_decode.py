@@ -1,9 +1,10 @@
-"""The lean host path for decode steps of a few rows: host_decode.c over the process's BLAS.
+"""The lean host path for decode steps of a few rows: one C call (host_decode.c) per step.
 
 MLX runs a decode step as some 300 separately dispatched kernels; for a few rows each costs more
-to schedule than its arithmetic, so a step of 1-8 rows waited mostly on dispatch. `HostDecoder`
-runs the whole step (all blocks, the final LayerNorm and the LM head) in one C call instead, on
-the same weights and the same KV cache:
+to schedule than its arithmetic, so a step of 1-8 rows waited mostly on dispatch, and the BLAS
+libraries ran the products of 2-8 rows far below what the memory allows. `HostDecoder` runs the
+whole step (all blocks, the final LayerNorm and the LM head) in one C call instead, on the same
+weights and the same KV cache:
 
 - **The cache is shared, not copied.** On the CPU an evaluated `mx.array` exposes its memory
   through the buffer protocol, and `np.asarray` of it is a writable view. Each step takes the
@@ -14,17 +15,19 @@ the same weights and the same KV cache:
   `copy_prefix`; all donated, see kv_cache.py), and no view outlives the call, so MLX keeps
   updating the same buffers in place (a live view would make its next update copy the cache)
   and sees what the C code wrote. The addresses are read anew every step all the same.
-- **The weights** are read where MLX holds them (`(out, in)` linear weights, the runner's
-  `(C, V)` head copy); the decoder keeps the arrays referenced. A runner serves fixed weights.
-- **The BLAS** is the one `import nanogpt_mlx` loaded (blas.py); its functions are handed to
-  the C code as pointers. Without an optimized BLAS there is no host path.
+- **The weights** are packed once per model (`PackedWeights`, shared by the runners of a
+  model): every matrix as panels of output columns (`pack`), so a step streams each weight
+  from memory once for all its rows; embeddings, LayerNorms and biases are read where MLX
+  holds them. Repacked when the model's parameter arrays are replaced.
+- **Threads**: the calling thread and up to MAX_THREADS - 1 workers of the C library's own,
+  which sleep between steps.
 - **Compiled on first use**, never at import: `gcc -O3 -march=native` into
   `~/.cache/nanogpt-mlx/host-decode/` under a name that hashes the source, the flags and the
   CPU, so a changed file or another machine builds its own. Without a compiler, or with
   NANOGPT_MLX_HOST_DECODE=0, there is no host path and MLX runs every step.
 
 Same maths as gpt.py in float32 (LayerNorm, exact erf GELU, softmax attention over each row's
-own positions); tests/test_host_decode.py checks it against MLX's forward.
+own positions; sums in another order); tests/test_host_decode.py checks it against MLX's forward.
 """
 
 from __future__ import annotations
@@ -35,17 +38,19 @@ import os
 import shutil
 import subprocess
 import threading
+import weakref
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from nanogpt_mlx.model.cpu import blas, runtime
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "host_decode.c")
-CFLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno")
+CFLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-pthread")
 ENV_SWITCH = "NANOGPT_MLX_HOST_DECODE"
 
-# Rows a host step serves at most; wider steps run in MLX (see HOST_MAX_ROWS in cpu/ops.py).
+MAX_THREADS = 4  # a step is bound by reading the weights once; a few cores saturate the memory
 PER_LAYER = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "attn.c_proj.bias",
              "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
 
@@ -91,7 +96,7 @@ def load_library() -> ctypes.CDLL | None:
             os.replace(tmp, path)  # atomic: concurrent builders each write their own file
         lib = ctypes.CDLL(path)
         lib.hd_create.restype = ctypes.c_void_p
-        lib.hd_create.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.hd_create.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
         lib.hd_free.argtypes = [ctypes.c_void_p]
         lib.hd_step.restype = ctypes.c_int
         lib.hd_step.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
@@ -105,47 +110,87 @@ def failure() -> str | None:
     return _failure
 
 
-def blas_functions() -> tuple[int, int] | None:
-    """(cblas_sgemm, cblas_sgemv) addresses of the loaded optimized BLAS (MKL first), or None."""
-    for name in ("mkl", "openblas"):
-        handle = blas._handles.get(name)
-        if handle is not None:
-            return ctypes.cast(handle.cblas_sgemm, ctypes.c_void_p).value, ctypes.cast(handle.cblas_sgemv, ctypes.c_void_p).value
-    return None
+def threads() -> int:
+    """Threads a host step runs on: the cores this process may use, at most MAX_THREADS."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_THREADS))
 
 
 def _address(array: np.ndarray) -> int:
     return array.__array_interface__["data"][0]
 
 
+def _cache_address(array: mx.array, rows: int) -> int:
+    view = np.asarray(array)
+    if view.dtype != np.float32 or not view.flags.c_contiguous or view.ndim != 4 or view.shape[0] < rows:
+        raise TypeError(f"the host decode path needs a contiguous float32 (rows, H, S, D) cache, got {view.dtype} {view.shape}")
+    return _address(view)
+
+
+def pack(matrix: np.ndarray, panel: int) -> np.ndarray:
+    """An (in, out) matrix as (panels, in, panel): each panel's columns contiguous, zero past `out`."""
+    rows, cols = matrix.shape
+    padded = np.zeros((rows, -(-cols // panel) * panel), dtype=np.float32)
+    padded[:, :cols] = matrix
+    return np.ascontiguousarray(padded.reshape(rows, -1, panel).transpose(1, 0, 2))
+
+
+class PackedWeights:
+    """A model's weights as host_decode.c reads them: packed matrices, views of the rest."""
+
+    def __init__(self, model, head: mx.array, panel: int):
+        config = model.config
+        params = dict(tree_flatten(model.parameters()))
+        self.sources = [params[name] for name in sorted(params)]  # to tell whether the model still holds these
+
+        def view(a: mx.array) -> np.ndarray:
+            return np.ascontiguousarray(np.asarray(a), dtype=np.float32)  # MLX's memory where it is already so
+
+        self.arrays = [view(params["wte.weight"]), view(params["wpe.weight"]), view(params["ln_f.weight"]), view(params["ln_f.bias"]),
+                       pack(np.asarray(head), panel)]
+        self.layer_arrays = []
+        for i in range(config.n_layer):
+            for name in PER_LAYER:
+                a = params[f"h.{i}.{name}"]
+                self.layer_arrays.append(pack(np.asarray(a).T, panel) if name.endswith("weight") and a.ndim == 2 else view(a))
+        self.globals = (ctypes.c_void_p * len(self.arrays))(*map(_address, self.arrays))
+        self.layers = (ctypes.c_void_p * len(self.layer_arrays))(*map(_address, self.layer_arrays))
+
+    def serves(self, model) -> bool:
+        """Whether `model` still holds the arrays these were packed from (the head is one of them)."""
+        params = dict(tree_flatten(model.parameters()))
+        return len(params) == len(self.sources) and all(a is b for a, b in zip((params[n] for n in sorted(params)), self.sources))
+
+
+# id(model) -> its packed weights, shared by the runners of a model (a runner per `generate` call).
+_PACKED: dict[int, PackedWeights] = {}
+
+
+def packed_weights(model, head: mx.array, panel: int) -> PackedWeights:
+    """`model`'s packed weights, `head` its (C, V) LM head: packed once, again after its parameters are replaced."""
+    packed = _PACKED.get(id(model))
+    if packed is None or not packed.serves(model):
+        if id(model) not in _PACKED:
+            weakref.finalize(model, _PACKED.pop, id(model), None)
+        packed = _PACKED[id(model)] = PackedWeights(model, head, panel)
+    return packed
+
+
 class HostDecoder:
     """Decode steps of 1..`max_rows` rows of one model over one KV cache, in C."""
 
-    def __init__(self, library: ctypes.CDLL, functions: tuple[int, int], model, head: mx.array, max_rows: int, max_len: int):
+    def __init__(self, library: ctypes.CDLL, model, head: mx.array, max_len: int, max_rows: int | None = None, n_threads: int | None = None):
         config = model.config
-        self.max_rows = max_rows
+        self.max_rows = min(max_rows or int(library.hd_max_rows()), int(library.hd_max_rows()))
         self.vocab = config.vocab_size
         self._lib = library
-        params = dict(_flatten(model.parameters()))
-
-        def host(a: mx.array) -> np.ndarray:
-            array = np.asarray(a)  # a view of MLX's memory, kept for the decoder's life
-            if array.dtype != np.float32 or not array.flags.c_contiguous:
-                array = np.ascontiguousarray(array, dtype=np.float32)
-            self._keep.append(array)
-            return array
-
-        self._keep: list[np.ndarray] = []
-        head_matrix = host(head)
-        if head_matrix.shape != (config.n_embd, config.vocab_size):
-            raise ValueError(f"head must be (C, V), got {head_matrix.shape}")
-        globals_ = [host(params["wte.weight"]), host(params["wpe.weight"]), host(params["ln_f.weight"]), host(params["ln_f.bias"]),
-                    head_matrix]
-        layers = [host(params[f"h.{i}.{name}"]) for i in range(config.n_layer) for name in PER_LAYER]
-        self._globals = (ctypes.c_void_p * len(globals_))(*map(_address, globals_))
-        self._layers = (ctypes.c_void_p * len(layers))(*map(_address, layers))
-        dims = (ctypes.c_int * 7)(config.n_layer, config.n_head, config.n_embd, config.n_inner, config.vocab_size, max_rows, max_len)
-        handle = library.hd_create(dims, config.layer_norm_eps, self._globals, self._layers, *functions)
+        self.weights = packed_weights(model, head, int(library.hd_panel()))
+        dims = (ctypes.c_int * 7)(config.n_layer, config.n_head, config.n_embd, config.n_inner, config.vocab_size, max_len,
+                                  n_threads or threads())
+        handle = library.hd_create(dims, config.layer_norm_eps, self.weights.globals, self.weights.layers)
         if not handle:
             raise MemoryError("host decode scratch")
         self._handle = handle
@@ -161,8 +206,8 @@ class HostDecoder:
         for layer, (k, v) in enumerate(zip(keys, values)):
             # Views only for the addresses, dropped at once: a live view would make MLX copy the
             # cache on its next in-place update (see the module docstring).
-            self._keys[layer] = _address(np.asarray(k))
-            self._values[layer] = _address(np.asarray(v))
+            self._keys[layer] = _cache_address(k, B)
+            self._values[layer] = _cache_address(v, B)
         logits = np.empty((B, self.vocab), dtype=np.float32)
         status = self._lib.hd_step(self._handle, B, _address(tokens), _address(positions), self._keys, self._values, S, _address(logits))
         if status:
@@ -173,9 +218,3 @@ class HostDecoder:
         handle, self._handle = getattr(self, "_handle", None), None
         if handle:
             self._lib.hd_free(handle)
-
-
-def _flatten(tree, prefix: str = ""):
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(tree, prefix)
