@@ -178,7 +178,8 @@ def test_env_switch_turns_the_host_path_off():
 def test_bad_input_is_rejected_not_read_out_of_bounds(random_model, tiny_config):
     model = random_model(tiny_config, seed=4)
     runner = ModelRunner(model, max_rows=2)
+    cache = (runner.cache.keys, runner.cache.values)
     with pytest.raises(ValueError):
-        runner.decoder(np.array([tiny_config.vocab_size], dtype=np.int32), np.array([0], dtype=np.int32), runner.cache.keys, runner.cache.values)
+        runner.decoder(np.array([tiny_config.vocab_size], dtype=np.int32), np.array([0], dtype=np.int32), *cache)
     with pytest.raises(ValueError):
-        runner.decoder(np.array([1], dtype=np.int32), np.array([-1], dtype=np.int32), runner.cache.keys, runner.cache.values)
+        runner.decoder(np.array([1], dtype=np.int32), np.array([-1], dtype=np.int32), *cache)

@@ -182,7 +182,9 @@ def packed_weights(model, head: mx.array, panel: int) -> PackedWeights:
 class HostDecoder:
     """Decode steps of 1..`max_rows` rows of one model over one KV cache, in C."""
 
-    def __init__(self, library: ctypes.CDLL, model, head: mx.array, max_len: int, max_rows: int | None = None, n_threads: int | None = None):
+    def __init__(
+        self, library: ctypes.CDLL, model, head: mx.array, max_len: int, max_rows: int | None = None, n_threads: int | None = None
+    ):
         config = model.config
         self.max_rows = min(max_rows or int(library.hd_max_rows()), int(library.hd_max_rows()))
         self.vocab = config.vocab_size

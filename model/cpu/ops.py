@@ -44,7 +44,7 @@ HOST_HEAD_ROW_MULTIPLE = 8
 
 # Decode steps of at most this many rows run in C (host_decode.py) instead of MLX, unless
 # NANOGPT_MLX_HOST_DECODE=0. Measured in benchmarks/README.md.
-HOST_MAX_ROWS = 8
+HOST_MAX_ROWS = 64
 
 
 class HostHead(DeviceHead):
