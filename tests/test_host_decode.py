@@ -183,3 +183,59 @@ def test_bad_input_is_rejected_not_read_out_of_bounds(random_model, tiny_config)
         runner.decoder(np.array([tiny_config.vocab_size], dtype=np.int32), np.array([0], dtype=np.int32), *cache)
     with pytest.raises(ValueError):
         runner.decoder(np.array([1], dtype=np.int32), np.array([-1], dtype=np.int32), *cache)
+
+
+def float64_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy continuation computed in float64 NumPy from the model's weights (a KV cache of lists)."""
+    from math import erf, sqrt
+
+    from mlx.utils import tree_flatten
+
+    w = {k: np.array(v, dtype=np.float64) for k, v in tree_flatten(model.parameters())}
+    c = model.config
+    H, D = c.n_head, c.head_dim
+    gelu = np.vectorize(lambda u: 0.5 * u * (1.0 + erf(u / sqrt(2.0))))
+
+    def norm(x, name):
+        mu, var = x.mean(), x.var()
+        return (x - mu) / np.sqrt(var + c.layer_norm_eps) * w[f"{name}.weight"] + w[f"{name}.bias"]
+
+    cache = [([], []) for _ in range(c.n_layer)]
+
+    def step(token, pos):
+        x = w["wte.weight"][token] + w["wpe.weight"][pos]
+        for i in range(c.n_layer):
+            p = f"h.{i}"
+            qkv = w[f"{p}.attn.c_attn.weight"] @ norm(x, f"{p}.ln_1") + w[f"{p}.attn.c_attn.bias"]
+            q, k, v = (t.reshape(H, D) for t in np.split(qkv, 3))
+            cache[i][0].append(k)
+            cache[i][1].append(v)
+            K, V = np.stack(cache[i][0], axis=1), np.stack(cache[i][1], axis=1)  # (H, T, D)
+            s = np.einsum("hd,htd->ht", q, K) / np.sqrt(D)
+            a = np.exp(s - s.max(axis=1, keepdims=True))
+            y = np.einsum("ht,htd->hd", a / a.sum(axis=1, keepdims=True), V).reshape(-1)
+            x = x + w[f"{p}.attn.c_proj.weight"] @ y + w[f"{p}.attn.c_proj.bias"]
+            h = gelu(w[f"{p}.mlp.c_fc.weight"] @ norm(x, f"{p}.ln_2") + w[f"{p}.mlp.c_fc.bias"])
+            x = x + w[f"{p}.mlp.c_proj.weight"] @ h + w[f"{p}.mlp.c_proj.bias"]
+        return w["lm_head.weight"] @ norm(x, "ln_f")
+
+    for pos, token in enumerate(prompt[:-1]):
+        step(token, pos)
+    out, token = [], prompt[-1]
+    for pos in range(len(prompt) - 1, len(prompt) - 1 + n):
+        token = int(np.argmax(step(token, pos)))
+        out.append(token)
+    return out
+
+
+def test_greedy_generation_equals_the_float64_reference_on_the_bundled_checkpoint():
+    """The trained weights (real margins between tokens): host-path greedy == float64 greedy."""
+    from nanogpt_mlx.model.checkpoint import load_model
+    from nanogpt_mlx.model.cli import DEFAULT_CHECKPOINT
+    from nanogpt_mlx.model.tokenizer import get_tokenizer
+
+    model = load_model(DEFAULT_CHECKPOINT)
+    tokenizer = get_tokenizer(DEFAULT_CHECKPOINT)
+    for text in ("The history of the city begins", "In 1998, the company announced that"):
+        prompt = tokenizer.encode(text)
+        assert list(generate_tokens(model, prompt, 24)) == float64_greedy(model, prompt, 24), text
