@@ -50,7 +50,7 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "host_decode.c
 CFLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-pthread")
 ENV_SWITCH = "NANOGPT_MLX_HOST_DECODE"
 
-MAX_THREADS = 4  # a step is bound by reading the weights once; a few cores saturate the memory
+MAX_THREADS = 4  # a step is bound by reading the weights once, which a few cores saturate (measured on 2 only)
 PER_LAYER = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "attn.c_proj.bias",
              "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
 
@@ -94,7 +94,12 @@ def load_library() -> ctypes.CDLL | None:
                 runtime.REPORT.notes.append(_failure)
                 return None
             os.replace(tmp, path)  # atomic: concurrent builders each write their own file
-        lib = ctypes.CDLL(path)
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError as exc:
+            _failure = f"host decode library not loaded: {exc}"
+            runtime.REPORT.notes.append(_failure)
+            return None
         lib.hd_create.restype = ctypes.c_void_p
         lib.hd_create.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
         lib.hd_free.argtypes = [ctypes.c_void_p]
