@@ -43,7 +43,8 @@ HOST_HEAD_ROW_MULTIPLE = 8
 
 
 # Decode steps of at most this many rows run in C (host_decode.py) instead of MLX, unless
-# NANOGPT_MLX_HOST_DECODE=0. Measured in benchmarks/README.md.
+# NANOGPT_MLX_HOST_DECODE=0: the C step was the faster at every width measured, 1 to 64 rows
+# (`python -m nanogpt_mlx.benchmarks.decode_step --settings host-step numpy-head`).
 HOST_MAX_ROWS = 64
 
 
