@@ -10,13 +10,14 @@
  *
  * Weights come packed in panels of PANEL output columns: panel p holds, for every input k,
  * the PANEL weights of outputs p*PANEL.. (zero past the last output), contiguous, so one pass
- * streams each weight from memory once for all B rows and the rows' sums stay in registers.
- * A step reads every weight once whatever B is (up to MAX_ROWS), which is what bounds it.
+ * streams each weight from memory once for all B rows (GROUP rows at a time, the later groups
+ * finding the panel in cache) and the rows' sums stay in registers.
  *
- * Threads: the caller's thread and n-1 workers split each phase (a layer is five: q/k/v,
- * attention, attention projection, MLP in, MLP out) by output panels or by (row, head); a
- * worker spins briefly between phases and sleeps on a condition variable between steps, so it
- * holds no core while the process does other work.
+ * Threads: the caller's thread and n-1 workers share each phase (a layer is five: q/k/v,
+ * attention, attention projection, MLP in, MLP out) by claiming its chunks (output panels, or
+ * (row, head) pairs) one at a time, so the caller never waits for a worker that lost its core
+ * to another process before claiming anything; a worker spins briefly between phases and sleeps
+ * on a condition variable between steps, so it holds no core while the process does other work.
  *
  * The cache of each layer is (rows, H, S, D): row b's keys of head h at position p are at
  * ((b * H + h) * S + p) * D. Compiled on first use (host_decode.py), never at import.
