@@ -1,4 +1,4 @@
-"""Batched decode step side by side: where the LM head runs and which BLAS MLX uses, 1-32 rows.
+"""Batched decode step side by side: the C host step or MLX, where MLX's LM head runs and which BLAS it uses, 1-32 rows.
 
     python -m nanogpt_mlx.benchmarks.decode_step                  # 3 rounds, ~2 minutes
     python -m nanogpt_mlx.benchmarks.decode_step --rows 8 32 --position 400 --rounds 5
@@ -7,10 +7,12 @@
 A benchmark, not a test. Random weights of the card's full shape, fp32, on the CPU. One decode
 step is `ModelRunner.decode` for B rows at cache position --position: the compiled MLX step plus
 the LM head (B x 384 x 50,257), logits as row-major NumPy, exactly what the server's engine calls
-once per token. Three settings, each in its own subprocess (NumPy's BLAS reads its thread
+once per token. Four settings, each in its own subprocess (NumPy's BLAS reads its thread
 settings when it loads), in alternating order each round, so a noisy machine hits all alike:
 
-- numpy-head:        the default on the CPU: the LM head in NumPy's OpenBLAS, whose idle worker
+- host-step:         the default on the CPU: the whole step in C (model/cpu/host_decode.py) up to
+                     its rows, MLX beyond;
+- numpy-head:        the MLX step (`host_decode=False`) with the LM head in NumPy's OpenBLAS, whose idle worker
                      threads sleep at once (model/cpu/runtime.py);
 - numpy-head-spin:   the same with OpenBLAS's default idle wait (OPENBLAS_THREAD_TIMEOUT=28), to
                      show what the setting is for;
@@ -32,9 +34,10 @@ import sys
 import time
 
 SETTINGS = {
-    "numpy-head": {"host_logits": True, "env": {}},
-    "numpy-head-spin": {"host_logits": True, "env": {"OPENBLAS_THREAD_TIMEOUT": "28"}},
-    "mlx-head": {"host_logits": False, "env": {}},
+    "host-step": {"host_logits": True, "host_decode": True, "env": {}},
+    "numpy-head": {"host_logits": True, "host_decode": False, "env": {}},
+    "numpy-head-spin": {"host_logits": True, "host_decode": False, "env": {"OPENBLAS_THREAD_TIMEOUT": "28"}},
+    "mlx-head": {"host_logits": False, "host_decode": False, "env": {}},
 }
 
 
@@ -52,7 +55,8 @@ def worker(setting: str, rows: list[int], position: int, steps: int) -> dict:
     model = GPT(ModelConfig())
     model.eval()
     mx.eval(model.parameters())
-    runner = ModelRunner(model, max_rows=max(rows), host_logits=SETTINGS[setting]["host_logits"])
+    chosen = SETTINGS[setting]
+    runner = ModelRunner(model, max_rows=max(rows), host_logits=chosen["host_logits"], host_decode=chosen["host_decode"])
     medians = {}
     for B in rows:
         tokens = np.arange(B, dtype=np.int32)

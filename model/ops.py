@@ -7,6 +7,7 @@ The model (gpt.py) and the runner (runner.py) never call device-tuned code direc
              token_cross_entropy(logits, targets)   log_softmax(x)
     runner:  logits_head(head) -> (M, C) hidden states -> (M, V) NumPy logits
              prefill_parts(n) -> [(lo, hi, where to build part lo..hi)]   eval_parts(outputs)
+             decoder(model, head, max_len) -> a whole decode step off MLX for a few rows, or None
 
 `Ops` itself is MLX's own kernels, one forward in one part: the portable default, and what
 Metal and CUDA use. On the CPU `current()` returns `nanogpt_mlx.model.cpu.ops.CpuOps`, the same
@@ -21,10 +22,21 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from typing import Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+
+class StepDecoder(Protocol):
+    """A decode step outside MLX over the runner's KV cache arrays (cpu/host_decode.py)."""
+
+    max_rows: int  # steps of more rows run in MLX
+
+    def __call__(self, tokens: np.ndarray, positions: np.ndarray, keys: list[mx.array], values: list[mx.array]) -> np.ndarray:
+        """One token for each of cache rows 0..B-1 at `positions`, written into `keys` / `values`; (B, V) logits."""
+        ...
 
 
 class DeviceHead:
@@ -90,6 +102,10 @@ class Ops:
     def eval_parts(self, outputs: list[mx.array]) -> None:
         """Evaluate the parts' outputs (one array per part) together."""
         mx.eval(outputs)
+
+    def decoder(self, model: nn.Module, head: mx.array, max_len: int) -> StepDecoder | None:
+        """What runs whole decode steps of up to `max_rows` rows instead of MLX, or None (MLX runs them all)."""
+        return None
 
 
 PORTABLE = Ops()

@@ -130,6 +130,7 @@ class ModelRunner:
         max_len: int | None = None,
         compile: bool = True,
         host_logits: bool | None = None,
+        host_decode: bool = True,
     ):
         self.model = model
         self.max_rows = max_rows
@@ -151,6 +152,9 @@ class ModelRunner:
         else:
             self.logits_head = ops.DeviceHead(self.head)
         self.compile = compile
+        # Decode steps of a few rows outside MLX where the device's ops offer it (on the CPU, one C
+        # call over the same cache: cpu/host_decode.py); `host_decode=False` keeps every step in MLX.
+        self.decoder = ops.current().decoder(model, self.head, self.max_len) if host_decode else None
 
     def _decode_step(self, context: int):
         """The decode step for one context bucket, compiled (MLX retraces it per batch size).
@@ -264,6 +268,8 @@ class ModelRunner:
         longest = int(np.max(positions)) + 1
         if longest > self.max_len:
             raise ValueError(f"position {longest - 1} exceeds the cache length {self.max_len}")
+        if self.decoder is not None and B <= self.decoder.max_rows:
+            return self.decoder(np.asarray(tokens), np.asarray(positions), self.cache.keys, self.cache.values)
         step = self._decode_step(context_for(longest, self.max_len))
         hidden, self.cache.keys, self.cache.values = step(
             mx.array(np.asarray(tokens, dtype=np.int32)[:, None]),

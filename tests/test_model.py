@@ -371,7 +371,7 @@ def test_wide_decode_split_over_cpu_streams_equals_one_stream(random_model, tiny
     for split in (True, False):
         cpu_streams.set_enabled(split)
         try:
-            runner = ModelRunner(model, max_rows=rows, compile=split)  # compiled steps keep the first trace
+            runner = ModelRunner(model, max_rows=rows, compile=split, host_decode=False)  # MLX's step; compiled steps keep the first trace
             runner.prefill_many([PrefillChunk(r, p, 0) for r, p in enumerate(prompts)])
             head_groups.clear()
             outputs[split] = runner.decode(np.full(rows, 7), positions)
@@ -402,7 +402,7 @@ def test_a_model_decodes_on_a_second_thread_after_the_first_traced_it(random_mod
 
     def decode_on_this_thread(result: dict, close: bool):
         try:
-            runner = ModelRunner(model, max_rows=rows)
+            runner = ModelRunner(model, max_rows=rows, host_decode=False)  # MLX's traced step
             runner.prefill_many([PrefillChunk(r, p, 0) for r, p in enumerate(prompts)])
             result["logits"] = runner.decode(np.full(rows, 3), positions)
             result["streams"] = cpu_streams.streams()
@@ -467,7 +467,8 @@ def test_logits_on_the_host_equal_the_device_head(random_model, tiny_config):
     model = random_model(tiny_config, seed=21)
     from nanogpt_mlx.model.cpu.ops import HostHead
 
-    host, device = ModelRunner(model, max_rows=13), ModelRunner(model, max_rows=13, host_logits=False)
+    # MLX's decode step (host_decode=False): the C step computes its own logits
+    host, device = ModelRunner(model, max_rows=13, host_decode=False), ModelRunner(model, max_rows=13, host_logits=False, host_decode=False)
     assert isinstance(host.logits_head, HostHead) and not isinstance(device.logits_head, HostHead)
     assert np.shares_memory(host.logits_head.matrix, np.asarray(host.head))  # a view of the MLX head, no copy
     prompts = [tokens(80 + i, (4 + 3 * i,)).tolist() for i in range(13)]

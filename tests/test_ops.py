@@ -134,7 +134,8 @@ def test_the_whole_model_agrees_under_both_sets_of_ops(random_model, tiny_config
     results = {}
     for name, chosen in (("portable", PORTABLE), ("cpu", CPU)):
         with ops.using(chosen) if name == "portable" else contextlib.nullcontext():
-            runner = ModelRunner(model, max_rows=rows, compile=False)  # a compiled step keeps its first trace
+            # MLX's step (not the C one), uncompiled: a compiled step keeps its first trace
+            runner = ModelRunner(model, max_rows=rows, compile=False, host_decode=False)
             prefill = runner.prefill_many([PrefillChunk(r, p, 0, all_logits=(r == 2)) for r, p in enumerate(prompts)])
             step = runner.decode(np.arange(rows), np.array([len(p) for p in prompts]))
             results[name] = (np.array(model(toks)), model.loss(toks[:, :-1], toks[:, 1:]).item(), prefill, step)

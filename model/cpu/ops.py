@@ -12,6 +12,7 @@ The same maths as the portable `Ops`, computed the way that measured fastest on 
 - `logits_head`: `HostHead`, the LM head in NumPy.
 - `prefill_parts` / `eval_parts`: a batched prefill's rows in one part per CPU stream, evaluated
   together with the BLAS held to one thread per call.
+- `decoder`: decode steps of up to HOST_MAX_ROWS rows as one C call (host_decode.py), off MLX.
 
 Creating a `CpuOps` prepares the process for computing on the CPU (runtime.prepare_compute).
 """
@@ -25,7 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from nanogpt_mlx.model.cpu import blas, fast_ops, runtime, streams
+from nanogpt_mlx.model.cpu import blas, fast_ops, host_decode, runtime, streams
 from nanogpt_mlx.model.ops import DeviceHead, Ops
 
 # Decode steps of at least this many rows split their attention heads over CPU streams. Below it
@@ -39,6 +40,12 @@ SPLIT_MIN_ROWS = 16
 # HOST_HEAD_ROW_MULTIPLE rows (see HostHead).
 HOST_HEAD_MIN_ROWS = 4
 HOST_HEAD_ROW_MULTIPLE = 8
+
+
+# Decode steps of at most this many rows run in C (host_decode.py) instead of MLX, unless
+# NANOGPT_MLX_HOST_DECODE=0: the C step was the faster at every width measured, 1 to 64 rows
+# (`python -m nanogpt_mlx.benchmarks.decode_step --settings host-step numpy-head`).
+HOST_MAX_ROWS = 64
 
 
 class HostHead(DeviceHead):
@@ -124,6 +131,14 @@ class CpuOps(Ops):
         if parts < 2:
             return super().prefill_parts(n)
         return [(lo, hi, mx.stream(stream)) for stream, (lo, hi) in zip(parallel, streams.split_ranges(n, parts))]
+
+    def decoder(self, model: nn.Module, head: mx.array, max_len: int) -> host_decode.HostDecoder | None:
+        if not host_decode.enabled():
+            return None
+        library = host_decode.load_library()
+        if library is None:
+            return None
+        return host_decode.HostDecoder(library, model, head, max_len, max_rows=HOST_MAX_ROWS)
 
     def eval_parts(self, outputs: list[mx.array]) -> None:
         if len(outputs) < 2:
