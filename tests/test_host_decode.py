@@ -8,6 +8,7 @@ is the MLX path's token for token, and NANOGPT_MLX_HOST_DECODE=0 restores the ML
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from nanogpt_mlx.model import ops
+from nanogpt_mlx.model.checkpoint import load_model
 from nanogpt_mlx.model.config import ModelConfig
 from nanogpt_mlx.model.cpu import host_decode
 from nanogpt_mlx.model.cpu.ops import HOST_MAX_ROWS
@@ -141,6 +143,28 @@ def test_greedy_generation_equals_the_mlx_path(random_model, full_config):
     with ops.using(ops.PORTABLE):  # MLX's own ops offer no host path
         plain = list(generate_tokens(model, prompt, 40))
     assert host == plain
+
+
+def test_steps_are_bitwise_reproducible_across_models_and_decoders(full_checkpoint, full_config):
+    """The same checkpoint loaded anew, each with a fresh decoder and thread pool: every step's
+    logits identical to the bit. A worker that ran a chunk of the next phase before it was
+    published (a race in the pool's hand-over between phases) made some instances differ from
+    the first step on, by whole logits."""
+    prompt = prompts(5, [5], full_config.vocab_size)[0]
+    runs = []
+    for _ in range(8):
+        runner = ModelRunner(load_model(full_checkpoint), max_rows=1)
+        token = int(runner.prefill(0, prompt, 0).argmax())
+        steps = []
+        for i in range(24):
+            logits = runner.decode(np.array([token], dtype=np.int32), np.array([len(prompt) + i], dtype=np.int32))[0]
+            steps.append(logits.copy())
+            token = int(logits.argmax())
+        runs.append(steps)
+        del runner
+        gc.collect()
+    for steps in runs[1:]:
+        assert all(np.array_equal(a, b) for a, b in zip(steps, runs[0]))
 
 
 def test_weights_are_packed_once_per_model_and_again_after_a_change(random_model, tiny_config):

@@ -136,6 +136,11 @@ static void *worker(void *p) {
 }
 
 static void publish(hd_model *m, chunk_fn fn, int chunks) {
+    /* Close the finished phase before touching `fn` and `chunks`: a worker still in claim() for
+     * it may read the new chunk count beside its old work word, and its compare-exchange must then
+     * fail (the word moved on) rather than run a chunk of the next phase before it is published
+     * (run twice, it would add a residual twice). The closing generation has nothing to claim. */
+    atomic_store(&m->work, ((unsigned long long)(++m->generation) << 32) | 0xFFFFFFFFull);
     m->fn = fn;
     m->chunks = chunks;
     atomic_store(&m->done, 0);
