@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import statistics
@@ -44,6 +43,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from nanogpt_mlx.atomic import write_json
+from nanogpt_mlx.benchmarks.machine import machine_id
 from nanogpt_mlx.benchmarks.serve_load import PASSAGE, one_request
 from nanogpt_mlx.benchmarks.servers import ours, running
 from nanogpt_mlx.benchmarks.stats import percentile
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sessions", type=int, default=8, help="chat: concurrent conversations")
     p.add_argument("--turns", type=int, default=4, help="chat: turns per conversation")
     p.add_argument("--unique-requests", type=int, default=32, help="unique: requests")
-    p.add_argument("--out", default="prefix_cache.json", help="where to write the JSON results")
+    p.add_argument("--out", type=Path, default=None, help="the JSON results (default: benchmarks/results/<machine-id>/prefix_cache.json)")
     args = p.parse_args(argv)
 
     on_spec = ours(Path(args.model), args.max_batch, args.device)
@@ -224,8 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "rounds": rounds,
     }
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    path = args.out or REPO_ROOT / "benchmarks" / "results" / machine_id() / "prefix_cache.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, out)
+    print(f"wrote {path}")
     errors = sum(r[w][m]["errors"] for r in rounds for w in r for m in ("on", "off"))
     return 1 if errors else 0
 
