@@ -179,7 +179,7 @@ def print_table(summary: dict) -> None:
         print(f"{'':<8} {'on/off':<5} {ratios}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(REPO_ROOT / "checkpoints" / "default"), help="checkpoint directory (default: the bundled one)")
     p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
@@ -192,8 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--turns", type=int, default=4, help="chat: turns per conversation")
     p.add_argument("--unique-requests", type=int, default=32, help="unique: requests")
     p.add_argument("--out", type=Path, default=None, help="the JSON results (default: benchmarks/results/<machine-id>/prefix_cache.json)")
-    args = p.parse_args(argv)
+    return p
 
+
+def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> dict:
+    """Both servers started once, every workload measured on each, alternating; the results as
+    `main` writes them (`say` gets a line per workload and round)."""
     on_spec = ours(Path(args.model), args.max_batch, args.device)
     off_spec = ours(Path(args.model), args.max_batch, args.device)
     off_spec.name, off_spec.command = "nanogpt-mlx-no-prefix-cache", [*off_spec.command, "--no-prefix-cache"]
@@ -210,21 +214,28 @@ def main(argv: list[str] | None = None) -> int:
                 seed = 1000 * round_ + i
                 order = [("on", on), ("off", off)] if round_ % 2 == 0 else [("off", off), ("on", on)]
                 results[workload] = {mode: measure(server.base_url, workload, seed, args) for mode, server in order}
-                print(f"round {round_ + 1} {workload}: " + ", ".join(
-                    f"{mode} TTFT p50 {results[workload][mode]['ttft_p50_s'] * 1e3:.0f} ms" for mode in ("on", "off")), flush=True)
+                say(f"round {round_ + 1} {workload}: " + ", ".join(
+                    f"{mode} TTFT p50 {results[workload][mode]['ttft_p50_s'] * 1e3:.0f} ms" for mode in ("on", "off")))
             rounds.append(results)
     summary = summarize(rounds)
-    print()
-    print_table(summary)
     out = {
         "benchmark": "prefix_cache",
-        "model": args.model,
+        "model": str(args.model),
         "max_batch": args.max_batch,
         "args": {k: v for k, v in vars(args).items() if k not in ("out",)},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg": os.getloadavg()},
         "summary": summary,
         "rounds": rounds,
     }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    out = run(args, say=lambda line: print(line, flush=True))
+    rounds = out["rounds"]
+    print()
+    print_table(out["summary"])
     path = args.out or REPO_ROOT / "benchmarks" / "results" / machine_id() / "prefix_cache.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, out)

@@ -349,6 +349,8 @@ def markdown(results: dict) -> str:
     srv = results.get("server")
     if srv:
         out += server_section(results)
+    if results.get("prefix_cache"):
+        out += prefix_cache_section(results["prefix_cache"])
     if results.get("greedy_check"):
         out += greedy_section(results)
     lim = results.get("limits")
@@ -405,6 +407,44 @@ def peers_section(results: dict) -> list[str]:
         )
         rows.append([name, p["status"].replace("ready", "measured"), (detail or "").replace("|", "\\|")])
     return ["## Peers", "", table(["peer", "status", "version / how, or why not"], rows), ""]
+
+
+PREFIX_WORKLOADS = {
+    "lmeval": "lm-eval loglikelihood: 4 choices × a 300-token context (echo, logprobs)",
+    "fewshot": "few-shot generation, the same shape",
+    "chat": "multi-turn chat",
+    "unique": "unique prompts",
+}
+
+
+def prefix_cache_section(pc: dict) -> list[str]:
+    """Cache on vs off on each workload (benchmarks/prefix_cache.py), medians over the rounds."""
+    a = pc["args"]
+    rows = []
+    for workload, entry in pc["summary"].items():
+        on, off, r = entry["on"], entry["off"], entry["on_over_off"]
+        errors = sum(rnd[workload][mode]["errors"] for rnd in pc["rounds"] for mode in ("on", "off"))
+        hit = on.get("prefix_cache_hit_rate")
+        rows.append(
+            [
+                PREFIX_WORKLOADS.get(workload, workload),
+                f"{num(1e3 * on['ttft_p50_s'])} / {num(1e3 * off['ttft_p50_s'])} ({ratio(r['ttft_p50_s'])})",
+                f"{num(1e3 * on['ttft_p95_s'])} / {num(1e3 * off['ttft_p95_s'])} ({ratio(r['ttft_p95_s'])})",
+                f"{num(on['requests_per_s'], 2)} / {num(off['requests_per_s'], 2)} ({ratio(r['requests_per_s'])})",
+                "–" if hit is None else f"{hit:.0%}",
+                str(errors),
+            ]
+        )
+    return [
+        "## Prefix cache",
+        "",
+        f"Two servers on `{pc['model']}`, one with the prefix cache (the default) and one with `--no-prefix-cache`, loaded "
+        f"alternately with the same requests ({a['concurrency']} clients; {a['documents']} documents, {a['sessions']} chats of "
+        f"{a['turns']} turns, {a['unique_requests']} unique prompts; {a['rounds']} rounds, medians). Cache on / off, and on ÷ off:",
+        "",
+        table(["workload", "TTFT p50 ms", "TTFT p95 ms", "requests/s", "hit rate", "errors"], rows),
+        "",
+    ]
 
 
 def server_section(results: dict) -> list[str]:

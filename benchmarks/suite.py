@@ -38,7 +38,7 @@ from nanogpt_mlx.benchmarks.machine import describe_machine, load_average, machi
 
 HERE = Path(__file__).resolve().parent
 RESULTS_ROOT = HERE / "results"
-SECTIONS = ("card", "engine", "server", "peers", "limits")
+SECTIONS = ("card", "engine", "server", "prefix-cache", "peers", "limits")
 PEERS = ("llama-server", "mlx-lm", "transformers")
 GREEDY_PROMPTS = ("The meaning of life is", "In the beginning God created", "Once upon a time, in a small village,")
 SCHEMA = 1
@@ -87,6 +87,12 @@ class Sizes:
     requests_per_client: int = 2
     min_requests: int = 8  # per level: low concurrency sends more requests per client to reach it
     greedy_tokens: int = 32
+    # prefix-cache workloads (benchmarks/prefix_cache.py) on the bundled checkpoint, cache on vs off
+    prefix_concurrency: int = 8
+    prefix_documents: int = 8
+    prefix_sessions: int = 8
+    prefix_turns: int = 4
+    prefix_unique_requests: int = 32
     bandwidth_n: int = 8192  # an n x n fp32 matrix streamed by a matrix-vector product (256 MiB)
     gemm_sizes: list[int] = field(default_factory=lambda: [1024, 2048])
     limit_runs: int = 5
@@ -120,6 +126,11 @@ class Sizes:
             requests_per_client=1,
             min_requests=2,
             greedy_tokens=8,
+            prefix_concurrency=2,
+            prefix_documents=1,
+            prefix_sessions=1,
+            prefix_turns=2,
+            prefix_unique_requests=2,
             bandwidth_n=1024,
             gemm_sizes=[256],
             limit_runs=2,
@@ -439,6 +450,23 @@ class Suite:
             "gemm_gflops_by_size": gemm,
         }
 
+    def prefix_cache(self) -> None:
+        """The prefix-cache workloads (benchmarks/prefix_cache.py): lm-eval-like, few-shot,
+        multi-turn chat and unique prompts on two servers, cache on and off, alternating, on the
+        bundled checkpoint (its context holds the 300-token contexts; a smoke run sends few requests)."""
+        from nanogpt_mlx.benchmarks import prefix_cache
+
+        s = self.sizes
+        model = prefix_cache.REPO_ROOT / "checkpoints" / "default"
+        args = prefix_cache.parser().parse_args(
+            ["--model", str(model), "--rounds", str(s.rounds), "--device", self.device, "--max-batch", str(max(s.levels)),
+             "--concurrency", str(s.prefix_concurrency), "--documents", str(s.prefix_documents), "--sessions", str(s.prefix_sessions),
+             "--turns", str(s.prefix_turns), "--unique-requests", str(s.prefix_unique_requests)]
+        )
+        with self.step("prefix cache"):
+            out = prefix_cache.run(args, say=lambda line: None)
+        self.results["prefix_cache"] = {"model": out["model"], "args": out["args"], "summary": out["summary"], "rounds": out["rounds"]}
+
     def servers(self) -> None:
         """Closed-loop streaming load at each level on every server, alternating, all started once."""
         from nanogpt_mlx.benchmarks import servers as srv
@@ -561,7 +589,7 @@ class Suite:
         n = 1 + (peers and self.ready("llama-server")) + (peers and self.ready("mlx-lm"))  # the weights
         if {"card", "peers"} & sections:
             n += (1 + (sum(self.ready(p) for p in ("transformers", "mlx-lm")) if peers else 0)) * s.rounds
-        n += ("card" in sections) + ("engine" in sections) + ("limits" in sections)
+        n += ("card" in sections) + ("engine" in sections) + ("limits" in sections) + ("prefix-cache" in sections)
         if {"server", "peers"} & sections:
             servers = 1 + (sum(self.ready(p) for p in ("llama-server", "mlx-lm")) if peers else 0)
             n += servers + servers * s.rounds * len(s.levels)
@@ -604,6 +632,8 @@ class Suite:
                 self.limits()
             if {"server", "peers"} & set(self.sections):
                 self.servers()
+            if "prefix-cache" in self.sections:
+                self.prefix_cache()
             if "peers" in self.sections:
                 self.check_dir, self.check_cache = self.greedy_checkpoint()
                 self.greedy_check()

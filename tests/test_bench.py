@@ -18,7 +18,7 @@ from nanogpt_mlx.benchmarks.machine import machine_id
 
 from conftest import cli_env
 
-SECTIONS = ["card", "engine", "server", "peers", "limits"]
+SECTIONS = ["card", "engine", "server", "prefix-cache", "peers", "limits"]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,8 @@ def test_smoke_writes_json_markdown_and_plots(smoke_run):
         assert width > 200 and height > 200
     assert sorted(results["plots"]) == sorted(["card.png", "server_throughput.png", "server_latency.png", "limits.png"])
     report = (out / "report.md").read_text()
-    for heading in ("## Machine", "## Peers", "## The card's table", "## Engine", "## Server under load", "## Limits", "**Smoke run**"):
+    for heading in ("## Machine", "## Peers", "## The card's table", "## Engine", "## Server under load", "## Prefix cache", "## Limits",
+                    "**Smoke run**"):
         assert heading in report
     assert "card (Apple M2 Pro)" in report and "25,476" in report
 
@@ -82,6 +83,14 @@ def test_smoke_results_hold_the_machine_and_every_section(smoke_run):
         md = level["median"]
         assert md["output_tok_s"] > 0 and 0 < md["ttft_p50_s"] <= md["ttft_p95_s"] and md["e2e_p95_s"] > 0
         assert len(level["ttft_ms_quantiles"]) == 101 and len(level["itl_ms_quantiles"]) == 101
+
+    pc = r["prefix_cache"]
+    assert sorted(pc["summary"]) == sorted(["lmeval", "fewshot", "chat", "unique"])
+    for workload, entry in pc["summary"].items():
+        assert all(sum(rnd[workload][mode]["errors"] for rnd in pc["rounds"]) == 0 for mode in ("on", "off")), workload
+        assert entry["on"]["requests_per_s"] > 0 and entry["off"]["requests_per_s"] > 0
+        assert entry["off"]["prefix_cache_hit_rate"] is None  # the server without the cache reports none
+    assert pc["summary"]["lmeval"]["on"]["prefix_cache_hit_rate"] > 0  # 4 choices share one context
 
     lim = r["limits"]
     assert lim["bandwidth_gb_s"] > 0 and lim["gemm_gflops"] > 0
