@@ -379,16 +379,19 @@ def test_shutdown_ends_running_sequences_with_abort(tiny_checkpoint):
     decoding, released = threading.Event(), threading.Event()
 
     def held(runner):
-        decode, calls = runner.decode, []
+        decode, warm_up, warmed = runner.decode, runner.warm_up, threading.Event()
 
         def held_decode(tokens, positions):
-            calls.append(len(tokens))
-            if len(calls) == 2:  # call 1 is the warm-up
+            if warmed.is_set() and not decoding.is_set():  # the first decode that serves a request
                 decoding.set()
                 released.wait(60)
             return decode(tokens, positions)
 
-        runner.decode = held_decode
+        def counted_warm_up(rows, prefill_tokens):
+            warm_up(rows, prefill_tokens)  # its decodes go through held_decode, unheld
+            warmed.set()
+
+        runner.decode, runner.warm_up = held_decode, counted_warm_up
         return runner
 
     engine = make_engine(tiny_checkpoint, runner_wrapper=held, max_batch=2)
