@@ -89,7 +89,13 @@ class CacheView:
     position), which also runs inside `mx.compile`; a chunk of T > 1 tokens per row (prefill) is
     one in-place slice copy per row, whose rows and positions are read on the host (MLX's CPU
     scatter costs far more per element than a copy). Reads: a contiguous block of rows is a view
-    of the cache; rows listed in any order are gathered, only their first `context` columns.
+    of the cache; rows listed in any order are gathered (their first `context` columns) when the
+    view is made, evaluated, and each layer's new keys and values are written into that copy as
+    well as into the cache. Gathering later, from the cache as the writes leave it, would give
+    the written cache array a second reader: MLX could then no longer update it in place and
+    would copy the whole cache (every row) per write, and a batch split into parts on separate
+    streams (runner.py) has its parts' writes chained onto one array. So a forward's listed-rows
+    views are all made before any of them is used.
     """
 
     def __init__(
@@ -107,16 +113,25 @@ class CacheView:
         B = start.shape[0]
         self.positions = start[:, None] + mx.arange(length)[None, :]
         self.mask = self._make_mask(length, cache.dtype)
-        self._gather_rows = None if rows is None else mx.array(rows, dtype=mx.int32)
         self._spans: list[tuple[int, int]] | None = None  # prefill: (cache row, first position) per batch row
+        heads = cache.keys[0].shape[1]
         if length == 1:
-            row_ids = mx.arange(first_row, first_row + B) if rows is None else self._gather_rows
-            heads = cache.keys[0].shape[1]
+            row_ids = mx.arange(first_row, first_row + B) if rows is None else mx.array(rows, dtype=mx.int32)
             # All three index arrays are adjacent, which MLX turns into one in-place scatter.
             self._scatter_index = (row_ids.reshape(B, 1, 1), mx.arange(heads).reshape(1, heads, 1), self.positions[:, None, :])
         else:
             host_rows = range(first_row, first_row + B) if rows is None else rows
             self._spans = list(zip(host_rows, start.tolist()))
+        # Listed rows that attend over the cache: evaluated copies of their first `context` columns.
+        self._gathered: tuple[list[mx.array], list[mx.array]] | None = None
+        if rows is not None and context is not None:
+            index = mx.array(rows, dtype=mx.int32)
+            self._gathered = (
+                [mx.take(a, index, axis=0)[:, :, :context] + 0 for a in cache.keys],  # "+ 0": contiguous copies
+                [mx.take(a, index, axis=0)[:, :, :context] + 0 for a in cache.values],
+            )
+            mx.eval(self._gathered)
+            self._copy_index = (mx.arange(B).reshape(B, 1, 1), mx.arange(heads).reshape(1, heads, 1), self.positions[:, None, :])
 
     @classmethod
     def block(cls, cache: KVCache, start: mx.array, length: int, context: int | None, first_row: int = 0) -> CacheView:
@@ -148,8 +163,16 @@ class CacheView:
                 values[row, :, begin : begin + T] = v[b]
         if self.context is None:  # fresh prompts: the chunk is all there is to see
             return k, v
-        if self.first_row is None:  # listed rows: gather a copy of their first `context` columns (slice first: a view)
-            columns = slice(0, self.context)
-            return mx.take(keys[:, :, columns], self._gather_rows, axis=0), mx.take(values[:, :, columns], self._gather_rows, axis=0)
+        if self._gathered is not None:  # listed rows: their copies, with the new keys and values written in
+            keys, values = self._gathered[0][layer], self._gathered[1][layer]
+            if self._spans is None:
+                keys[self._copy_index] = k
+                values[self._copy_index] = v
+            else:
+                T = k.shape[2]
+                for b, (_, begin) in enumerate(self._spans):
+                    keys[b, :, begin : begin + T] = k[b]
+                    values[b, :, begin : begin + T] = v[b]
+            return keys, values
         rows = slice(self.first_row, self.first_row + k.shape[0])  # a block of rows: a view, no copy
         return keys[rows, :, : self.context], values[rows, :, : self.context]

@@ -233,10 +233,14 @@ class ModelRunner:
         chain after the other's (they update the same arrays) and hold the parts back.
         """
         o = ops.current()
+        parts = [(group[lo:hi], where) for lo, hi, where in o.prefill_parts(len(group))]
+        inputs = [self._part_inputs(part) for part, _ in parts]  # every view before any forward (kv_cache.py)
         lazy = []
-        for lo, hi, where in o.prefill_parts(len(group)):
+        for (part, where), (tokens, view) in zip(parts, inputs):
             with where:
-                lazy.append((group[lo:hi], *self._forward_part(group[lo:hi])))
+                hidden = self.model.hidden(tokens, view)
+                last = mx.array([len(c.tokens) - 1 for c in part])
+                lazy.append((part, hidden, hidden[mx.arange(len(part)), last]))
         o.eval_parts([last for _, _, last in lazy])
         mx.eval(self.cache.state())
         last_logits = self.logits_head(mx.concatenate([last for _, _, last in lazy]))
@@ -246,8 +250,8 @@ class ModelRunner:
                 results.append(self.logits_head(hidden[b, : len(c.tokens)]) if c.all_logits else last_logits[len(results)])
         return results
 
-    def _forward_part(self, part: list[PrefillChunk]) -> tuple[mx.array, mx.array]:
-        """The lazy forward of one part: hidden states (B, T, C) and those of each chunk's last token."""
+    def _part_inputs(self, part: list[PrefillChunk]) -> tuple[mx.array, CacheView]:
+        """One part's tokens (B, T), padded to its longest chunk, and its view of the cache."""
         T = max(len(c.tokens) for c in part)
         tokens = np.zeros((len(part), T), dtype=np.int32)
         for b, c in enumerate(part):
@@ -255,10 +259,7 @@ class ModelRunner:
         starts = np.array([c.start for c in part], dtype=np.int32)
         fresh = not starts.any()  # all prompts start at 0: attention stays inside the chunk
         context = None if fresh else context_for(int(starts.max()) + T, self.max_len)
-        view = CacheView.rows(self.cache, [c.row for c in part], mx.array(starts), T, context)
-        hidden = self.model.hidden(mx.array(tokens), view)
-        last = mx.array([len(c.tokens) - 1 for c in part])
-        return hidden, hidden[mx.arange(len(part)), last]
+        return mx.array(tokens), CacheView.rows(self.cache, [c.row for c in part], mx.array(starts), T, context)
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """One step for rows 0..B-1: token b goes to position positions[b]. Returns (B, vocab) logits."""

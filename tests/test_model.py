@@ -434,8 +434,8 @@ def test_batched_prefill_split_over_cpu_streams_equals_one_stream(random_model, 
 
     monkeypatch.setattr(cpu_streams.os, "cpu_count", lambda: 2)
     parts = []
-    original = Runner._forward_part
-    monkeypatch.setattr(Runner, "_forward_part", lambda self, part: (parts.append(len(part)), original(self, part))[1])
+    original = Runner._part_inputs
+    monkeypatch.setattr(Runner, "_part_inputs", lambda self, part: (parts.append(len(part)), original(self, part))[1])
     model = random_model(tiny_config, seed=13)
     prompts = [tokens(90 + r, (20 + r % 3,)).tolist() for r in range(7)]
     chunks = [PrefillChunk(r, p, 0, all_logits=(r == 5)) for r, p in enumerate(prompts)]
@@ -459,6 +459,46 @@ def test_batched_prefill_split_over_cpu_streams_equals_one_stream(random_model, 
     assert np.abs(results[True][1] - results[False][1]).max() <= 1e-5
     for r in (0, 6):
         assert np.abs(results[True][0][r] - full_logits(model, prompts[r])[-1]).max() <= 1e-5
+
+
+def test_batched_prefill_after_cached_prefixes_splits_over_streams_and_updates_the_cache_in_place(random_model, tiny_config, monkeypatch):
+    """Chunks that continue rows already in the cache (a reused prefix), prefilled together in
+    two parts on two CPU streams: the logits and the cache equal one stream's and the uncached
+    forward's, and no step of it copies a whole cache array (every row), which MLX does when a
+    written array has a second reader; the peak memory tells."""
+    from nanogpt_mlx.model.cpu import streams as cpu_streams
+
+    monkeypatch.setattr(cpu_streams.os, "cpu_count", lambda: 2)
+    model = random_model(tiny_config, seed=17)
+    rows = 256  # one cache array is then far larger than the forward's own buffers
+    prompts = [tokens(40 + r, (30 + r,)).tolist() for r in range(4)]
+    prefix = 24
+    results = {}
+    for split in (True, False):
+        cpu_streams.set_enabled(split)
+        try:
+            runner = ModelRunner(model, max_rows=rows)
+            for r, p in enumerate(prompts):
+                runner.prefill(rows - 1 - r, p[:prefix], 0)
+            chunks = [PrefillChunk(rows - 1 - r, p[prefix:], prefix, all_logits=(r == 2)) for r, p in enumerate(prompts)]
+            mx.eval(runner.cache.state())
+            mx.reset_peak_memory()
+            before = mx.get_active_memory()
+            logits = runner.prefill_many(chunks)
+            grown = mx.get_peak_memory() - before
+            cached = [np.array(runner.cache.keys[-1][rows - 1 - r, :, : len(p)]) for r, p in enumerate(prompts)]
+            results[split] = logits, cached
+        finally:
+            cpu_streams.set_enabled(True)
+        assert grown < runner.cache.keys[0].nbytes, (split, grown)
+    for a, b in zip(results[True][0], results[False][0]):
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5
+    for a, b in zip(results[True][1], results[False][1]):
+        assert np.abs(a - b).max() <= 1e-6
+    for r, p in enumerate(prompts):
+        reference = full_logits(model, p)
+        expected = reference[prefix:] if r == 2 else reference[-1]
+        assert np.abs(results[True][0][r] - expected).max() <= 1e-4
 
 
 def test_logits_on_the_host_equal_the_device_head(random_model, tiny_config):
