@@ -28,6 +28,21 @@ LABELS = {"ours": "nanogpt-mlx", "transformers": "transformers + torch", "mlx-lm
 
 
 # --- the machine's limits: what each figure costs in bytes and FLOPs per token --------------------
+
+CARD_SHAPE = "the card's shape"
+
+
+def sentence_case(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def weights_phrase(results: dict, shape: str) -> str:
+    """What the figures ran on: "random weights of <shape>", or the checkpoint's folder."""
+    checkpoint = (results.get("weights") or {}).get("checkpoint")
+    if checkpoint:
+        return f"the checkpoint `{Path(checkpoint['dir']).name}`"
+    return f"random weights of {shape}"
+
 def model_costs(cfg: dict) -> dict:
     """Weights and matmul sizes of the model (fp32), for bytes- and FLOPs-per-token estimates."""
     C, L, F, V = cfg["n_embd"], cfg["n_layer"], cfg["n_inner"], cfg["vocab_size"]
@@ -258,7 +273,7 @@ def markdown(results: dict) -> str:
         out += [
             "## The card's table",
             "",
-            f"Random weights of {shape} ({params:,} parameters), fp32, inference "
+            f"{sentence_case(weights_phrase(results, shape))} ({params:,} parameters), fp32, inference "
             f"mode (no dropout), {results['inference']['ours']['forward_tok_s']['n']} timed runs of each figure after "
             f"{s['warmup']} warm-up runs per process, over {s['rounds']} alternating rounds. "
             "Ours: median, the p25–p75 range and min / max. "
@@ -454,7 +469,8 @@ def server_section(results: dict) -> list[str]:
         "",
         f"Closed loop over loopback: C clients each send streaming completions back to back ({srv['max_tokens']} new tokens, "
         f"`ignore_eos`, temperature 1, every prompt unique so no prompt cache helps); at least {s['requests_per_client']} requests per "
-        f"client and {s['min_requests']} per level; every server has {srv['slots']} slots; {s['rounds']} rounds, the servers in "
+        f"client and {s['min_requests']} per level; every server has {srv['slots']} slots and runs "
+        f"{weights_phrase(results, CARD_SHAPE)}; {s['rounds']} rounds, the servers in "
         "alternating order, medians over the rounds. TTFT: send → first token; ITL: gap between streamed tokens; e2e: send → last byte.",
         "",
     ]

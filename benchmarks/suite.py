@@ -157,6 +157,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--checkpoint", type=Path, help="the trained checkpoint the peers' greedy output is checked on (default: the bundled one)"
     )
     g.add_argument(
+        "--weights",
+        choices=("random", "checkpoint"),
+        default="random",
+        help="what every figure runs on: random weights of the card's shape (the default), or the --checkpoint "
+        "(the bundled one by default; llama-server gets it as GGUF, mlx-lm as its own variant)",
+    )
+    g.add_argument(
         "--update-readme", action="store_true", help="afterwards, rewrite README.md's generated performance section from these results"
     )
     for f in fields(Sizes):
@@ -304,12 +311,23 @@ class Suite:
     # the weights ------------------------------------------------------------------------------
     def prepare_weights(self) -> None:
         s = self.sizes
-        key = "random-" + "-".join(f"{k}{v}" for k, v in sorted(s.model.items())) + "-seed0"
-        base = self.cache / "models" / key
-        with self.step("random weights"):
-            hf = base / "hf"
-            if not (hf / "model.safetensors").is_file():
-                run_worker("save_random", {"config": s.model, "seed": 0, "out_dir": str(hf)})
+        if getattr(self.args, "weights", "random") == "checkpoint":
+            from nanogpt_mlx.errors import UserError
+
+            hf, base = self.greedy_checkpoint()
+            with self.step("checkpoint weights"):
+                config = json.loads((hf / "config.json").read_text())
+                hf_names = {"block_size": "n_positions", **{k: k for k in ("vocab_size", "n_layer", "n_head", "n_embd")}}
+                differs = {ours: config.get(theirs) for ours, theirs in hf_names.items() if config.get(theirs) != s.model[ours]}
+                if differs:
+                    raise UserError(f"{hf} is not of the sizes' model shape ({differs}); --weights checkpoint needs one that is")
+        else:
+            key = "random-" + "-".join(f"{k}{v}" for k, v in sorted(s.model.items())) + "-seed0"
+            base = self.cache / "models" / key
+            with self.step("random weights"):
+                hf = base / "hf"
+                if not (hf / "model.safetensors").is_file():
+                    run_worker("save_random", {"config": s.model, "seed": 0, "out_dir": str(hf)})
         self.model_dir = hf
         self.gguf = self.mlx_lm_dir = None
         peers = "peers" in self.sections
@@ -325,7 +343,10 @@ class Suite:
                     self.mlx_lm_dir = ensure_mlx_lm_variant(hf, base / "mlx-lm")
                 except WorkerError as exc:
                     self.peer_failed("mlx-lm", exc)
-        self.results["weights"] = {"random": {"config": s.model, "seed": 0, "dir": str(hf)}}
+        if getattr(self.args, "weights", "random") == "checkpoint":
+            self.results["weights"] = {"checkpoint": {"dir": str(hf)}}
+        else:
+            self.results["weights"] = {"random": {"config": s.model, "seed": 0, "dir": str(hf)}}
 
     # sections ---------------------------------------------------------------------------------
     def inference_rounds(self) -> None:

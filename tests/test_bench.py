@@ -140,6 +140,30 @@ def test_bench_rejects_unknown_sections(run_cli, tmp_path):
     assert not (tmp_path / "results.json").exists()
 
 
+def test_weights_checkpoint_runs_the_servers_on_it_and_refuses_another_shape(run_cli, random_model, tmp_path):
+    """`--weights checkpoint`: the figures run on the given checkpoint (said in results and report);
+    one of another shape than the sizes' model is refused before anything runs."""
+    from nanogpt_mlx.benchmarks.suite import SMOKE_MODEL
+    from nanogpt_mlx.model.checkpoint import save_checkpoint
+    from nanogpt_mlx.model.config import ModelConfig
+
+    shape = {k: v for k, v in SMOKE_MODEL.items() if k != "tie_embeddings"}
+    checkpoint = save_checkpoint(random_model(ModelConfig(**shape), seed=5), tmp_path / "smoke-shaped")
+    out = tmp_path / "out"
+    proc = run_cli("bench", "--smoke", "--only", "server", "--weights", "checkpoint", "--checkpoint", checkpoint, "--out", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["weights"] == {"checkpoint": {"dir": str(checkpoint)}}
+    assert results["server"]["servers"]["nanogpt-mlx"]["levels"]["1"]["median"]["output_tok_s"] > 0
+    assert "runs the checkpoint `smoke-shaped`" in (out / "report.md").read_text()
+
+    wrong = random_model(ModelConfig(**{**shape, "n_layer": 1}), seed=5)
+    other = save_checkpoint(wrong, tmp_path / "other-shape")
+    proc = run_cli("bench", "--smoke", "--only", "server", "--weights", "checkpoint", "--checkpoint", other, "--out", tmp_path / "o2")
+    assert proc.returncode == 2 and "n_layer" in proc.stderr and "--weights checkpoint" in proc.stderr
+    assert not (tmp_path / "o2" / "results.json").exists()
+
+
 def test_existing_scripts_still_dispatch(run_cli):
     proc = run_cli("bench", "serve", "--help")
     assert proc.returncode == 0 and "--concurrency" in proc.stdout
