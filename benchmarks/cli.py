@@ -24,6 +24,7 @@ BENCHMARKS = {
     "fast-ops": ("fast_ops", "native vs polynomial softmax/cross-entropy/GELU in a training step, side by side"),
     "metrics-overhead": ("metrics_overhead", "server throughput with and without Prometheus metrics"),
     "prefix-cache": ("prefix_cache", "prefix caching on vs off: TTFT and throughput on lm-eval-like, multi-turn chat and unique prompts"),
+    "generate": ("generate_vs_llama", "batch-1 generation (50-token prompt, 100 greedy tokens) against llama.cpp on the same weights"),
     "structured": ("structured_mask", "structured output's token-mask cost at 1 and 32 rows: llguidance, xgrammar, outlines-core"),
 }
 

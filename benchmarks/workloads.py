@@ -39,9 +39,7 @@ def _prompt(p: dict, vocab: int) -> list[int]:
 def ours_inference(p: dict) -> dict:
     """The card's inference figures: forward B x T (full logits), generation, 1 x N prefill."""
     from nanogpt_mlx.model.checkpoint import load_model
-    from nanogpt_mlx.model.generate import generate_tokens
     from nanogpt_mlx.model.runner import ModelRunner
-    from nanogpt_mlx.model.sampling import SamplingParams
 
     device = select_device(p["device"])
     model = load_model(p["model_dir"])  # inference mode: dropout off
@@ -52,7 +50,22 @@ def ours_inference(p: dict) -> dict:
     batch = mx.array(_tokens(rng, (p["forward_batch"], p["forward_seq"]), vocab))
     out["forward_s"] = timed(lambda: mx.eval(model(batch)), p["runs"], p["warmup"])
 
-    prompt = _prompt(p, vocab)
+    out["generation_s"] = _generation_seconds(model, p)
+
+    runner = ModelRunner(model, max_rows=1)  # what the server's engine prefills a prompt with
+    prefill_tokens = _tokens(rng, p["prefill_tokens"], vocab)
+    out["prefill_s"] = timed(lambda: runner.prefill(0, prefill_tokens, 0), p["runs"], p["warmup"])
+    runner.close()
+    return out
+
+
+def _generation_seconds(model, p: dict) -> list[float]:
+    """Seconds of each timed batch-1 generation: `prompt_tokens` prompt, `gen_tokens` greedy tokens
+    (what `nanogpt-mlx generate` runs: `generate_tokens`)."""
+    from nanogpt_mlx.model.generate import generate_tokens
+    from nanogpt_mlx.model.sampling import SamplingParams
+
+    prompt = _prompt(p, model.config.vocab_size)
     greedy = SamplingParams(temperature=0.0)
 
     def generate() -> None:
@@ -60,13 +73,15 @@ def ours_inference(p: dict) -> dict:
         if produced != p["gen_tokens"]:
             raise RuntimeError(f"generation stopped after {produced} of {p['gen_tokens']} tokens")
 
-    out["generation_s"] = timed(generate, p["runs"], p["warmup"])
+    return timed(generate, p["runs"], p["warmup"])
 
-    runner = ModelRunner(model, max_rows=1)  # what the server's engine prefills a prompt with
-    prefill_tokens = _tokens(rng, p["prefill_tokens"], vocab)
-    out["prefill_s"] = timed(lambda: runner.prefill(0, prefill_tokens, 0), p["runs"], p["warmup"])
-    runner.close()
-    return out
+
+def ours_generation(p: dict) -> dict:
+    """The batch-1 generation figure alone (generate_vs_llama.py)."""
+    from nanogpt_mlx.model.checkpoint import load_model
+
+    device = select_device(p["device"])
+    return {"device": device, "generation_s": _generation_seconds(load_model(p["model_dir"]), p)}
 
 
 def ours_training(p: dict) -> dict:
@@ -252,6 +267,7 @@ def limits(p: dict) -> dict:
 
 WORKLOADS = {
     "ours_inference": ours_inference,
+    "ours_generation": ours_generation,
     "ours_training": ours_training,
     "ours_engine": ours_engine,
     "ours_greedy": ours_greedy,

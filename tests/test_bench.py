@@ -169,6 +169,8 @@ def test_existing_scripts_still_dispatch(run_cli):
     assert proc.returncode == 0 and "--concurrency" in proc.stdout
     proc = run_cli("bench", "build-llama-server", "--help")
     assert proc.returncode == 0 and "--cuda" in proc.stdout
+    proc = run_cli("bench", "generate", "--help")
+    assert proc.returncode == 0 and "--weights" in proc.stdout
 
 
 def test_gguf_writer_follows_llama_cpp_gpt2_layout(tiny_checkpoint, tmp_path):
