@@ -131,7 +131,10 @@ class CacheView:
                 [mx.take(a, index, axis=0)[:, :, :context] + 0 for a in cache.values],
             )
             mx.eval(self._gathered)
-            self._copy_index = (mx.arange(B).reshape(B, 1, 1), mx.arange(heads).reshape(1, heads, 1), self.positions[:, None, :])
+            if length == 1:
+                self._copy_where = (mx.arange(B).reshape(B, 1, 1), mx.arange(heads).reshape(1, heads, 1), self.positions[:, None, :])
+            else:  # batch row b is row b of the copies
+                self._copy_where = [(b, begin) for b, (_, begin) in enumerate(self._spans)]
 
     @classmethod
     def block(cls, cache: KVCache, start: mx.array, length: int, context: int | None, first_row: int = 0) -> CacheView:
@@ -153,26 +156,25 @@ class CacheView:
     def update_and_fetch(self, layer: int, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         """Write this layer's new keys and values (B, H, T, D); return those to attend over (B, H, context, D)."""
         keys, values = self.cache.keys[layer], self.cache.values[layer]
-        if self._spans is None:
-            keys[self._scatter_index] = k
-            values[self._scatter_index] = v
-        else:
-            T = k.shape[2]
-            for b, (row, begin) in enumerate(self._spans):
-                keys[row, :, begin : begin + T] = k[b]
-                values[row, :, begin : begin + T] = v[b]
+        _write(keys, values, k, v, self._scatter_index if self._spans is None else self._spans)
         if self.context is None:  # fresh prompts: the chunk is all there is to see
             return k, v
         if self._gathered is not None:  # listed rows: their copies, with the new keys and values written in
             keys, values = self._gathered[0][layer], self._gathered[1][layer]
-            if self._spans is None:
-                keys[self._copy_index] = k
-                values[self._copy_index] = v
-            else:
-                T = k.shape[2]
-                for b, (_, begin) in enumerate(self._spans):
-                    keys[b, :, begin : begin + T] = k[b]
-                    values[b, :, begin : begin + T] = v[b]
+            _write(keys, values, k, v, self._copy_where)
             return keys, values
         rows = slice(self.first_row, self.first_row + k.shape[0])  # a block of rows: a view, no copy
         return keys[rows, :, : self.context], values[rows, :, : self.context]
+
+
+def _write(keys: mx.array, values: mx.array, k: mx.array, v: mx.array, where) -> None:
+    """Write k and v (B, H, T, D) into keys and values in place: at a scatter index (one token per
+    row), or per batch row b at rows and columns where[b] = (row, first column) (a chunk per row)."""
+    if isinstance(where, tuple):
+        keys[where] = k
+        values[where] = v
+        return
+    T = k.shape[2]
+    for b, (row, begin) in enumerate(where):
+        keys[row, :, begin : begin + T] = k[b]
+        values[row, :, begin : begin + T] = v[b]
