@@ -556,15 +556,10 @@ def test_slot_bookkeeping_under_scripted_schedules():
                 jobs[int(rng.integers(len(jobs)))][2].cancel()
             engine.step()
             await asyncio.sleep(0)
-        while not engine.idle:
-            engine.step()
-            await asyncio.sleep(0)
+        await steps_until_idle(engine)
         for prompt, max_tokens, _, task in jobs:
             result = (await task)[0]
-            history, want = list(prompt), []
-            for _ in range(max_tokens):
-                want.append(BookkeepingRunner.next_token(history))
-                history.append(want[-1])
+            want = bookkeeping_reference(prompt, max_tokens)
             if result["finish"] == "abort":
                 assert result["tokens"] == want[: len(result["tokens"])]
             else:
@@ -616,9 +611,7 @@ def test_prefix_cache_bookkeeping_under_scripted_schedules():
                 jobs[int(rng.integers(len(jobs)))][3].cancel()
             engine.step()
             await asyncio.sleep(0)
-        while not engine.idle:
-            engine.step()
-            await asyncio.sleep(0)
+        await steps_until_idle(engine)
         for prompt, max_tokens, echo, _, task in jobs:
             want = bookkeeping_reference(prompt, max_tokens)
             for result in await task:
@@ -646,15 +639,20 @@ def bookkeeping_reference(prompt, max_tokens) -> list[int]:
     return out
 
 
+async def steps_until_idle(engine: Engine) -> None:
+    """Step an engine loaded by hand until nothing waits or runs, letting its outputs be collected."""
+    while not engine.idle:
+        engine.step()
+        await asyncio.sleep(0)
+
+
 def by_hand(engine: Engine, submit) -> list[list[dict]]:
     """Step `engine` on this thread until it is idle; `submit(engine)` makes the submissions."""
 
     async def go():
         submissions = submit(engine)
         tasks = [asyncio.ensure_future(collect(s)) for s in submissions]
-        while not engine.idle:
-            engine.step()
-            await asyncio.sleep(0)
+        await steps_until_idle(engine)
         return [await t for t in tasks]
 
     return asyncio.run(go())
