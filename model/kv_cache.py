@@ -117,8 +117,7 @@ class CacheView:
         heads = cache.keys[0].shape[1]
         if length == 1:
             row_ids = mx.arange(first_row, first_row + B) if rows is None else mx.array(rows, dtype=mx.int32)
-            # All three index arrays are adjacent, which MLX turns into one in-place scatter.
-            self._scatter_index = (row_ids.reshape(B, 1, 1), mx.arange(heads).reshape(1, heads, 1), self.positions[:, None, :])
+            self._scatter_index = _token_index(row_ids, heads, self.positions)
         else:
             host_rows = range(first_row, first_row + B) if rows is None else rows
             self._spans = list(zip(host_rows, start.tolist()))
@@ -132,7 +131,7 @@ class CacheView:
             )
             mx.eval(self._gathered)
             if length == 1:
-                self._copy_where = (mx.arange(B).reshape(B, 1, 1), mx.arange(heads).reshape(1, heads, 1), self.positions[:, None, :])
+                self._copy_where = _token_index(mx.arange(B), heads, self.positions)
             else:  # batch row b is row b of the copies
                 self._copy_where = [(b, begin) for b, (_, begin) in enumerate(self._spans)]
 
@@ -165,6 +164,13 @@ class CacheView:
             return keys, values
         rows = slice(self.first_row, self.first_row + k.shape[0])  # a block of rows: a view, no copy
         return keys[rows, :, : self.context], values[rows, :, : self.context]
+
+
+def _token_index(rows: mx.array, heads: int, positions: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """The index of one new token per row, every head: batch row b writes row rows[b] at
+    positions[b, 0]. All three index arrays are adjacent, which MLX turns into one in-place scatter."""
+    B = rows.shape[0]
+    return rows.reshape(B, 1, 1), mx.arange(heads).reshape(1, heads, 1), positions[:, None, :]
 
 
 def _write(keys: mx.array, values: mx.array, k: mx.array, v: mx.array, where) -> None:
