@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -29,7 +28,15 @@ import httpx
 
 from nanogpt_mlx.benchmarks import servers as srv
 from nanogpt_mlx.benchmarks.machine import describe_machine, load_average, machine_id
-from nanogpt_mlx.benchmarks.suite import CARD_MODEL, RESULTS_ROOT, ensure_gguf, run_worker
+from nanogpt_mlx.benchmarks.suite import (
+    CARD_MODEL,
+    RESULTS_ROOT,
+    checkpoint_cache,
+    default_checkpoint,
+    ensure_gguf,
+    random_weights,
+    run_worker,
+)
 from nanogpt_mlx.benchmarks.workloads import _prompt
 
 
@@ -50,17 +57,11 @@ def llama_generation_seconds(base_url: str, prompt: list[int], tokens: int, runs
 
 
 def weights_dirs(weights: str, cache: Path) -> tuple[Path, Path]:
-    """The HF checkpoint directory and the folder its GGUF goes in."""
+    """The HF checkpoint directory and its cache folder (where its GGUF goes), as the suite's."""
     if weights == "checkpoint":
-        from nanogpt_mlx.model.cli import DEFAULT_CHECKPOINT
-
-        checkpoint = Path(os.environ.get("NANOGPT_MLX_MODEL") or DEFAULT_CHECKPOINT)
-        return checkpoint, cache / "models" / "generate-checkpoint"
-    key = "random-" + "-".join(f"{k}{v}" for k, v in sorted(CARD_MODEL.items())) + "-seed0"  # the suite's random weights
-    hf = cache / "models" / key / "hf"
-    if not (hf / "model.safetensors").is_file():
-        run_worker("save_random", {"config": CARD_MODEL, "seed": 0, "out_dir": str(hf)})
-    return hf, cache / "models" / key
+        checkpoint = default_checkpoint()
+        return checkpoint, checkpoint_cache(cache, checkpoint)
+    return random_weights(cache, CARD_MODEL)
 
 
 def run(args) -> dict:

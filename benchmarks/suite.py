@@ -312,22 +312,20 @@ class Suite:
     def prepare_weights(self) -> None:
         s = self.sizes
         if getattr(self.args, "weights", "random") == "checkpoint":
+            from dataclasses import asdict
+
             from nanogpt_mlx.errors import UserError
+            from nanogpt_mlx.model.checkpoint import load_config
 
             hf, base = self.greedy_checkpoint()
             with self.step("checkpoint weights"):
-                config = json.loads((hf / "config.json").read_text())
-                hf_names = {"block_size": "n_positions", **{k: k for k in ("vocab_size", "n_layer", "n_head", "n_embd")}}
-                differs = {ours: config.get(theirs) for ours, theirs in hf_names.items() if config.get(theirs) != s.model[ours]}
+                config = asdict(load_config(hf))
+                differs = {k: config[k] for k, v in s.model.items() if config[k] != v}
                 if differs:
                     raise UserError(f"{hf} is not of the sizes' model shape ({differs}); --weights checkpoint needs one that is")
         else:
-            key = "random-" + "-".join(f"{k}{v}" for k, v in sorted(s.model.items())) + "-seed0"
-            base = self.cache / "models" / key
             with self.step("random weights"):
-                hf = base / "hf"
-                if not (hf / "model.safetensors").is_file():
-                    run_worker("save_random", {"config": s.model, "seed": 0, "out_dir": str(hf)})
+                hf, base = random_weights(self.cache, s.model)
         self.model_dir = hf
         self.gguf = self.mlx_lm_dir = None
         peers = "peers" in self.sections
@@ -676,15 +674,35 @@ class Suite:
         elif self.args.smoke:
             check = self.model_dir
         else:
-            from nanogpt_mlx.model.cli import DEFAULT_CHECKPOINT
+            check = default_checkpoint()
+        return check, checkpoint_cache(self.cache, check)
 
-            check = Path(os.environ.get("NANOGPT_MLX_MODEL") or DEFAULT_CHECKPOINT)
-        weights = check / "model.safetensors"
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} not found: pass --checkpoint DIR (a HF GPT-2 directory) for the greedy check")
-        st = weights.stat()
-        key = hashlib.sha1(f"{check.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-        return check, self.cache / "models" / f"check-{key}"
+
+def random_weights(cache: Path, model: dict) -> tuple[Path, Path]:
+    """Random weights of `model`'s shape (seed 0) as a HF directory, saved once: (that directory,
+    its cache folder for the GGUF and mlx-lm variants)."""
+    base = cache / "models" / ("random-" + "-".join(f"{k}{v}" for k, v in sorted(model.items())) + "-seed0")
+    hf = base / "hf"
+    if not (hf / "model.safetensors").is_file():
+        run_worker("save_random", {"config": model, "seed": 0, "out_dir": str(hf)})
+    return hf, base
+
+
+def default_checkpoint() -> Path:
+    """The bundled checkpoint, or NANOGPT_MLX_MODEL's (as `serve` and `generate` choose it)."""
+    from nanogpt_mlx.model.cli import DEFAULT_CHECKPOINT
+
+    return Path(os.environ.get("NANOGPT_MLX_MODEL") or DEFAULT_CHECKPOINT)
+
+
+def checkpoint_cache(cache: Path, check: Path) -> Path:
+    """The cache folder for a checkpoint's GGUF and mlx-lm variants, keyed by its weights file."""
+    weights = check / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: pass --checkpoint DIR (a HF GPT-2 directory)")
+    st = weights.stat()
+    key = hashlib.sha1(f"{check.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache / "models" / f"check-{key}"
 
 
 class _Step:
